@@ -1,0 +1,3 @@
+//! Health checking: probes and the tracker that applies thresholds.
+
+pub mod probe;

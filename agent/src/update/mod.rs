@@ -1,0 +1,4 @@
+//! The host update engine: phases, staging, supervision, hooks and the
+//! per-service worker.
+
+pub mod installer;
