@@ -24,4 +24,5 @@ pub mod health;
 pub mod host_stats;
 pub mod layout;
 pub mod release;
+pub mod state;
 pub mod update;

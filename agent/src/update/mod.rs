@@ -2,3 +2,4 @@
 //! per-service worker.
 
 pub mod installer;
+pub mod phase;

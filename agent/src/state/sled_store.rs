@@ -1,0 +1,138 @@
+//! [`StateStore`] on sled. One tree, key prefixes per kind, so that a
+//! [`Write`] is a single atomic batch followed by one `flush` (fsync).
+//!
+//! Keys: `svc/<service>` → [`ServiceRecord`], `rel/<service>/<release>` →
+//! [`ReleaseRecord`], `hist/<service>/<seq as 8 big-endian bytes>` → [`HistoryEntry`].
+//! Values are JSON: small, and readable with any sled dump when debugging a host.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{HistoryEntry, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write};
+
+/// The agent's sled database.
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+}
+
+fn backend(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
+    let context = context.into();
+    move |e| StoreError::Backend {
+        context,
+        message: e.to_string(),
+    }
+}
+
+fn encode<T: Serialize>(key: &[u8], v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn svc_key(service: &str) -> Vec<u8> {
+    format!("svc/{service}").into_bytes()
+}
+
+fn rel_key(service: &str, release: &str) -> Vec<u8> {
+    format!("rel/{service}/{release}").into_bytes()
+}
+
+fn hist_prefix(service: &str) -> Vec<u8> {
+    format!("hist/{service}/").into_bytes()
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(backend(format!("open {}", dir.display())))?;
+        Ok(SledStore { db })
+    }
+
+    fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(backend("scan"))?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+}
+
+impl StateStore for SledStore {
+    fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        self.scan(b"svc/")
+    }
+
+    fn service(&self, name: &str) -> Result<Option<ServiceRecord>, StoreError> {
+        let key = svc_key(name);
+        match self.db.get(&key).map_err(backend("read service"))? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn commit(&self, write: Write) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        if let Some(s) = &write.service {
+            let key = svc_key(&s.service);
+            let v = encode(&key, s)?;
+            batch.insert(key, v);
+        }
+        for r in &write.put_releases {
+            let key = rel_key(r.service(), r.release());
+            let v = encode(&key, r)?;
+            batch.insert(key, v);
+        }
+        for (s, r) in &write.delete_releases {
+            batch.remove(rel_key(s, r));
+        }
+        for mut h in write.history {
+            h.seq = self.db.generate_id().map_err(backend("history id"))?;
+            let mut key = hist_prefix(&h.service);
+            key.extend_from_slice(&h.seq.to_be_bytes());
+            let v = encode(&key, &h)?;
+            batch.insert(key, v);
+        }
+        self.db.apply_batch(batch).map_err(backend("write"))?;
+        self.db.flush().map_err(backend("flush"))?;
+        Ok(())
+    }
+
+    fn releases(&self, service: &str) -> Result<Vec<ReleaseRecord>, StoreError> {
+        let mut v: Vec<ReleaseRecord> = self.scan(format!("rel/{service}/").as_bytes())?;
+        v.sort_by_key(|r| r.staged_at_ms);
+        Ok(v)
+    }
+
+    fn release(&self, service: &str, release: &str) -> Result<Option<ReleaseRecord>, StoreError> {
+        let key = rel_key(service, release);
+        match self.db.get(&key).map_err(backend("read release"))? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn history(&self, service: &str, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(hist_prefix(service)).rev().take(limit) {
+            let (k, v) = kv.map_err(backend("scan history"))?;
+            out.push(decode(&k, &v)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+}

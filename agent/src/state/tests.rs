@@ -1,0 +1,126 @@
+//! The same contract tests run against both stores.
+
+use std::time::Duration;
+
+use super::*;
+use crate::release::{Artifact, RestartPolicy, Supervision};
+
+fn def(service: &str, release: &str) -> ServiceDefinition {
+    ServiceDefinition {
+        service: service.into(),
+        release: release.into(),
+        artifact: Artifact {
+            digest: Digest([7; 32]),
+            size: 10,
+            signature: None,
+        },
+        supervision: Supervision::Exec {
+            argv: vec!["./run".into()],
+            restart: RestartPolicy::OnFailure,
+            stop_timeout: Duration::from_secs(1),
+        },
+        env: Default::default(),
+        hooks: Default::default(),
+        health_checks: vec![],
+        thresholds: Default::default(),
+        min_healthy_time: Duration::ZERO,
+        healthy_deadline: Duration::from_secs(5),
+        commit_deadline: Duration::from_secs(60),
+    }
+}
+
+fn hist(service: &str, release: &str, event: &str) -> HistoryEntry {
+    HistoryEntry {
+        seq: 0,
+        service: service.into(),
+        release: release.into(),
+        event: event.into(),
+        reason: None,
+        at_ms: now_ms(),
+        cause: "test".into(),
+    }
+}
+
+fn contract(store: &dyn StateStore) {
+    assert!(store.services().expect("services").is_empty());
+    let mut rec = ServiceRecord::new("web");
+    rec.current = Some("v1".into());
+    store
+        .commit(Write {
+            service: Some(rec.clone()),
+            history: vec![hist("web", "v1", "staged"), hist("web", "v1", "committed")],
+            put_releases: vec![
+                ReleaseRecord {
+                    definition: def("web", "v1"),
+                    staged_at_ms: 1,
+                },
+                ReleaseRecord {
+                    definition: def("web", "v2"),
+                    staged_at_ms: 2,
+                },
+            ],
+            delete_releases: vec![],
+        })
+        .expect("commit");
+    store
+        .commit(Write {
+            service: Some(ServiceRecord::new("web-2")),
+            history: vec![hist("web-2", "a", "staged")],
+            ..Default::default()
+        })
+        .expect("commit");
+    assert_eq!(store.service("web").expect("get"), Some(rec));
+    assert_eq!(store.services().expect("all").len(), 2);
+    let rels = store.releases("web").expect("releases");
+    assert_eq!(
+        rels.iter().map(|r| r.release()).collect::<Vec<_>>(),
+        ["v1", "v2"]
+    );
+    assert!(store.release("web", "v2").expect("get").is_some());
+    let h = store.history("web", 10).expect("history");
+    assert_eq!(
+        h.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(),
+        ["staged", "committed"]
+    );
+    assert!(h[0].seq < h[1].seq);
+    assert_eq!(
+        store.history("web", 1).expect("history")[0].event,
+        "committed"
+    );
+    assert_eq!(store.history("web-2", 10).expect("history").len(), 1);
+    store
+        .commit(Write {
+            delete_releases: vec![("web".into(), "v1".into())],
+            ..Default::default()
+        })
+        .expect("delete");
+    assert!(store.release("web", "v1").expect("get").is_none());
+    assert!(store.release("web", "v2").expect("get").is_some());
+}
+
+#[test]
+fn memory_store_keeps_the_contract() {
+    contract(&MemoryStore::default());
+}
+
+#[test]
+fn sled_store_keeps_the_contract_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = SledStore::open(dir.path()).expect("open");
+        contract(&store);
+    }
+    let store = SledStore::open(dir.path()).expect("reopen");
+    let rec = store.service("web").expect("get").expect("present");
+    assert_eq!(rec.current.as_deref(), Some("v1"));
+    assert_eq!(store.history("web", 10).expect("history").len(), 2);
+    // Ids keep increasing after a reopen.
+    let before = store.history("web", 1).expect("h")[0].seq;
+    store
+        .commit(Write {
+            history: vec![hist("web", "v2", "activating")],
+            ..Default::default()
+        })
+        .expect("commit");
+    assert!(store.history("web", 1).expect("h")[0].seq > before);
+}
