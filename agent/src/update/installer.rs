@@ -1,1 +1,1546 @@
+//! Installing releases on disk: fetching artifacts into the cache by digest,
+//! verifying them, unpacking them safely into a release directory, and
+//! switching a service's `current` link.
+//!
+//! What lands where (see [`crate::layout`]):
+//!
+//! ```text
+//! cache/<hex>.part                 download in progress; resumed from its length
+//! cache/<hex>                      verified artifact (renamed from .part once the digest matches)
+//! services/<svc>/releases/.<id>.tmp     unpack in progress; removed on any error
+//! services/<svc>/releases/.<id>.digest  digest the release was unpacked from
+//! services/<svc>/releases/<id>          staged release (renamed from .<id>.tmp)
+//! services/<svc>/.current.tmp.*         new link, renamed over `current`
+//! services/<svc>/current -> releases/<id>
+//! ```
+//!
+//! The temporary and marker names start with `.` on purpose: release ids may
+//! contain `.` (`v1.tmp` is a valid id) but never start with one, so no
+//! bookkeeping file can be mistaken for a release, and cleaning up after a crash
+//! never deletes a real release.
+//!
+//! Crash safety: every step ends in a rename(2) followed by an fsync of the
+//! parent directory, and the digest marker is made durable before the release
+//! directory appears. After a crash there is either a complete release with its
+//! marker, or leftovers that [`Installer::clean_partial`] removes; a `.part`
+//! download is kept and resumed.
+//!
+//! Archives are treated as hostile even after their digest is verified: the
+//! extractor writes every file itself and refuses absolute paths, `..`, writing
+//! through links, links that point outside the release, devices, fifos,
+//! setuid/setgid files, and archives over [`ArchiveLimits`].
 
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use flate2::read::GzDecoder;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info, warn};
+
+use crate::layout::Layout;
+use crate::release::{Digest, InvalidDefinition, ServiceDefinition, validate_name};
+
+const GIB: u64 = 1 << 30;
+
+/// Buffer size for hashing and copying file contents.
+const COPY_BUF: usize = 64 * 1024;
+
+/// Room per entry for tar headers, long-name records and padding when bounding
+/// the decompressed stream (see [`Budget`]).
+const ENTRY_OVERHEAD: u64 = 4096;
+
+/// Room for the end-of-archive blocks and record padding after the last entry.
+const TRAILER_SLACK: u64 = 1 << 20;
+
+/// Limits against hostile archives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveLimits {
+    /// Largest artifact (compressed) the agent downloads: bounds the cache's
+    /// disk use and the time spent on the wire.
+    pub max_artifact_bytes: u64,
+    /// Largest total size of the regular files an artifact may unpack to:
+    /// stops decompression bombs before they fill the disk.
+    pub max_unpacked_bytes: u64,
+    /// Most entries an archive may hold: stops inode exhaustion.
+    pub max_entries: u64,
+}
+
+impl Default for ArchiveLimits {
+    fn default() -> Self {
+        ArchiveLimits {
+            max_artifact_bytes: GIB,
+            max_unpacked_bytes: 4 * GIB,
+            max_entries: 200_000,
+        }
+    }
+}
+
+/// Where artifacts come from (real: gRPC stream from the coordinator; fake:
+/// [`MemorySource`] in tests).
+pub trait ArtifactSource: Send + Sync + 'static {
+    /// Stream the artifact's bytes starting at `offset` (resume of a .part file).
+    fn fetch(&self, digest: Digest, offset: u64) -> BoxStream<'static, Result<Bytes, FetchError>>;
+}
+
+/// Why an [`ArtifactSource`] could not deliver an artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The source cannot be reached now; retrying later may work.
+    #[error("artifact source unavailable: {0}")]
+    Unavailable(String),
+    /// The source does not have the artifact.
+    #[error("artifact not found at the source: {0}")]
+    NotFound(String),
+    /// Anything else the source reports.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Size of the chunks [`MemorySource`] streams in: small, so that limits are
+/// crossed in the middle of a stream in tests.
+const MEMORY_CHUNK: usize = 16 * 1024;
+
+/// An in-memory [`ArtifactSource`] for tests (also usable by other crates'
+/// tests). It records every fetch and can simulate a dropped connection.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    /// Artifacts by the digest they are served under.
+    artifacts: Mutex<HashMap<Digest, MemoryArtifact>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryArtifact {
+    /// Bytes served for the digest (need not match it; see [`MemorySource::insert_as`]).
+    data: Bytes,
+    /// Offset of every fetch, in order; how tests see fetches and resumes.
+    offsets: Vec<u64>,
+    /// The next fetch stops after this many bytes with `Unavailable`.
+    interrupt_after: Option<u64>,
+}
+
+impl MemorySource {
+    /// Serves `data` under its own sha256 digest, which is returned.
+    pub fn insert(&self, data: Vec<u8>) -> Digest {
+        let digest = digest_of(&data);
+        self.insert_as(digest, data);
+        digest
+    }
+
+    /// Serves `data` under `digest` even if they do not match: a source that
+    /// corrupts or swaps content.
+    pub fn insert_as(&self, digest: Digest, data: Vec<u8>) {
+        self.lock().entry(digest).or_default().data = Bytes::from(data);
+    }
+
+    /// The next fetch of `digest` delivers at most `bytes` bytes and then fails
+    /// with [`FetchError::Unavailable`], like a connection dropped mid-transfer.
+    pub fn interrupt_once_after(&self, digest: Digest, bytes: u64) {
+        self.lock().entry(digest).or_default().interrupt_after = Some(bytes);
+    }
+
+    /// How many times `digest` was fetched.
+    pub fn fetch_count(&self, digest: Digest) -> usize {
+        self.lock().get(&digest).map_or(0, |a| a.offsets.len())
+    }
+
+    /// The offset of every fetch of `digest`, in order.
+    pub fn fetch_offsets(&self, digest: Digest) -> Vec<u64> {
+        self.lock()
+            .get(&digest)
+            .map(|a| a.offsets.clone())
+            .unwrap_or_default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Digest, MemoryArtifact>> {
+        self.artifacts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ArtifactSource for MemorySource {
+    fn fetch(&self, digest: Digest, offset: u64) -> BoxStream<'static, Result<Bytes, FetchError>> {
+        let mut artifacts = self.lock();
+        let Some(artifact) = artifacts.get_mut(&digest) else {
+            let err = FetchError::NotFound(digest.to_string());
+            return futures::stream::iter([Err(err)]).boxed();
+        };
+        artifact.offsets.push(offset);
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(artifact.data.len());
+        let mut rest = artifact.data.slice(start..);
+        let interrupt = artifact.interrupt_after.take();
+        if let Some(n) = interrupt {
+            rest.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        let mut items = Vec::new();
+        while !rest.is_empty() {
+            let n = rest.len().min(MEMORY_CHUNK);
+            items.push(Ok(rest.split_to(n)));
+        }
+        if interrupt.is_some() {
+            items.push(Err(FetchError::Unavailable(
+                "connection dropped mid-transfer (simulated)".to_owned(),
+            )));
+        }
+        futures::stream::iter(items).boxed()
+    }
+}
+
+/// Everything that can go wrong while installing a release. Each message names
+/// the cause and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The artifact is over [`ArchiveLimits::max_artifact_bytes`].
+    #[error(
+        "artifact {digest} is larger than the agent's limit of {limit} bytes (at least {size} \
+         bytes); publish a smaller artifact or raise max_artifact_bytes in the agent config"
+    )]
+    TooLarge {
+        /// The artifact.
+        digest: Digest,
+        /// Its announced size, or the bytes received when the limit was passed.
+        size: u64,
+        /// The limit it broke.
+        limit: u64,
+    },
+    /// The source sent more bytes than the release announced.
+    #[error(
+        "artifact {digest} is larger than the {announced} bytes its release announces; the \
+         source serves different content than the release describes — re-publish the release \
+         with the artifact's real size and digest"
+    )]
+    LargerThanAnnounced {
+        /// The artifact.
+        digest: Digest,
+        /// Size given in the release.
+        announced: u64,
+    },
+    /// The downloaded bytes do not hash to the release's digest.
+    #[error(
+        "artifact digest mismatch: expected {expected}, got {actual}; the artifact was changed \
+         or corrupted in transit — re-publish the release with the right digest"
+    )]
+    DigestMismatch {
+        /// Digest named by the release.
+        expected: Digest,
+        /// Digest of the bytes received.
+        actual: Digest,
+    },
+    /// The artifact source failed; the partial download is kept for resuming.
+    #[error(
+        "fetching artifact {digest} failed: {source}; the partial download is kept and resumes \
+         on the next attempt — check the connection to the coordinator"
+    )]
+    Fetch {
+        /// The artifact.
+        digest: Digest,
+        /// What the source reported.
+        source: FetchError,
+    },
+    /// The disk under the data directory is full.
+    #[error(
+        "no space left on device while trying to {context}; free disk space in the agent's data \
+         directory (old releases under services/*/releases, artifacts under cache/) and retry"
+    )]
+    NoSpace {
+        /// What the agent was doing.
+        context: String,
+    },
+    /// Any other file-system failure.
+    #[error("failed to {context}: {source}; check that the agent can write to its data directory")]
+    Io {
+        /// What the agent was doing, with the path.
+        context: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The archive tries something a release must not do.
+    #[error("archive entry {entry:?} is unsafe: {reason}")]
+    Unsafe {
+        /// The offending entry's path as written in the archive.
+        entry: String,
+        /// What is wrong with it and how to fix the artifact.
+        reason: String,
+    },
+    /// The artifact is not a readable tar.gz.
+    #[error(
+        "artifact is not a valid tar.gz archive: {reason}; rebuild it (e.g. with `tar -czf`) \
+         and publish it as a new release"
+    )]
+    Corrupt {
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// A release id was reused for different content.
+    #[error(
+        "release {release} of service {service} is already staged with digest {staged}, not \
+         {requested}; release ids are immutable — publish a new release id instead of reusing \
+         {release}"
+    )]
+    ReleaseConflict {
+        /// The service.
+        service: String,
+        /// The reused release id.
+        release: String,
+        /// Digest the staged release was unpacked from.
+        staged: Digest,
+        /// Digest now requested.
+        requested: Digest,
+    },
+    /// A release directory exists without the marker staging writes.
+    #[error(
+        "release {release} of service {service} exists at {} but was not staged by the agent \
+         (its digest marker is missing); if it is not the current release, remove that \
+         directory and stage again", path.display()
+    )]
+    Unmarked {
+        /// The service.
+        service: String,
+        /// The release id.
+        release: String,
+        /// The directory found.
+        path: PathBuf,
+    },
+    /// `current` cannot point at a release that is not staged.
+    #[error(
+        "release {release} of service {service} is not staged; stage it before switching \
+         `current` to it"
+    )]
+    NotStaged {
+        /// The service.
+        service: String,
+        /// The release id.
+        release: String,
+    },
+    /// Retention must not delete the running release.
+    #[error(
+        "release {release} of service {service} is what `current` points to; switch or clear \
+         `current` before removing it"
+    )]
+    InUse {
+        /// The service.
+        service: String,
+        /// The release id.
+        release: String,
+    },
+    /// A service or release name that cannot be used as a directory name.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidDefinition),
+}
+
+/// Wraps an I/O error with what was being done; a full disk gets its own
+/// variant because its fix is different.
+fn io_err(context: impl Into<String>, source: io::Error) -> InstallError {
+    match source.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => InstallError::NoSpace {
+            context: context.into(),
+        },
+        _ => InstallError::Io {
+            context: context.into(),
+            source,
+        },
+    }
+}
+
+fn unsafe_entry(entry: &str, reason: impl Into<String>) -> InstallError {
+    InstallError::Unsafe {
+        entry: entry.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Result of [`Installer::stage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// The release directory, `services/<svc>/releases/<id>`.
+    pub path: PathBuf,
+    /// The release was already staged from the same digest; nothing was
+    /// fetched or unpacked.
+    pub already_present: bool,
+}
+
+/// What [`unpack_tar_gz`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Regular files created, hard links included.
+    pub files: u64,
+    /// Bytes of regular-file content written.
+    pub bytes: u64,
+}
+
+/// Source of unique names for temporary `current` links.
+static LINK_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Fetches, verifies, unpacks and activates releases under one data directory.
+pub struct Installer {
+    /// Where the cache and the releases live.
+    layout: Layout,
+    /// Bounds on artifacts and archives.
+    limits: ArchiveLimits,
+    /// Where missing artifacts are fetched from.
+    source: Arc<dyn ArtifactSource>,
+    /// One lock per digest, so two services staging the same artifact never
+    /// write the same `.part` at once. Never pruned: an agent sees few digests.
+    fetch_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Installer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installer")
+            .field("layout", &self.layout)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Installer {
+    /// An installer for `layout`, fetching from `source`.
+    pub fn new(layout: Layout, limits: ArchiveLimits, source: Arc<dyn ArtifactSource>) -> Self {
+        Installer {
+            layout,
+            limits,
+            source,
+            fetch_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The data directory layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The archive limits in force.
+    pub fn limits(&self) -> ArchiveLimits {
+        self.limits
+    }
+
+    /// Ensures `cache/<hex>` holds the verified artifact and returns its path.
+    ///
+    /// A valid cached copy is returned without fetching (an invalid one is
+    /// deleted and fetched again). Otherwise the artifact is downloaded to
+    /// `cache/<hex>.part`, resuming an existing `.part`, hashed as it arrives,
+    /// refused past `max_artifact_bytes` or past `announced_size` (0 =
+    /// unknown), fsynced, verified, and renamed into place. On a digest
+    /// mismatch the `.part` is deleted; on a fetch error it is kept.
+    pub async fn ensure_artifact(
+        &self,
+        digest: Digest,
+        announced_size: u64,
+    ) -> Result<PathBuf, InstallError> {
+        let limit = self.limits.max_artifact_bytes;
+        if announced_size > limit {
+            return Err(InstallError::TooLarge {
+                digest,
+                size: announced_size,
+                limit,
+            });
+        }
+        let max_len = if announced_size > 0 {
+            announced_size
+        } else {
+            limit
+        };
+        let lock = self.fetch_lock(digest);
+        let _guard = lock.lock().await;
+
+        let cache_dir = self.layout.cache_dir();
+        let hex = digest.hex();
+        let final_path = self.layout.cached_artifact(&hex);
+        let part_path = cache_dir.join(format!("{hex}.part"));
+
+        let prepared = {
+            let (cache_dir, final_path, part_path) =
+                (cache_dir.clone(), final_path.clone(), part_path.clone());
+            blocking("prepare the artifact cache", move || {
+                prepare_download(&cache_dir, &final_path, &part_path, digest, max_len)
+            })
+            .await?
+        };
+        let (mut hasher, offset) = match prepared {
+            Prepared::Cached => {
+                debug!(%digest, "artifact already cached");
+                return Ok(final_path);
+            }
+            Prepared::Download { hasher, offset } => (hasher, offset),
+        };
+
+        let part_ctx = || format!("write artifact download {}", part_path.display());
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part_path)
+            .await
+            .map_err(|e| io_err(part_ctx(), e))?;
+        if offset > 0 {
+            info!(%digest, offset, "resuming artifact download");
+        } else {
+            info!(%digest, announced_size, "downloading artifact");
+        }
+        let mut stream = self.source.fetch(digest, offset);
+        let mut received = offset;
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(source) => {
+                    // Keep what arrived for the next attempt; its content is
+                    // re-hashed from disk then, so a short write is harmless.
+                    if let Err(e) = file.flush().await {
+                        warn!(%digest, error = %e, "could not flush partial download");
+                    }
+                    warn!(%digest, received, error = %source, "artifact download interrupted");
+                    return Err(InstallError::Fetch { digest, source });
+                }
+            };
+            received = received.saturating_add(chunk.len() as u64);
+            if received > max_len {
+                drop(file);
+                remove_file_if_exists(&part_path)?;
+                return Err(if announced_size > 0 {
+                    InstallError::LargerThanAnnounced {
+                        digest,
+                        announced: announced_size,
+                    }
+                } else {
+                    InstallError::TooLarge {
+                        digest,
+                        size: received,
+                        limit,
+                    }
+                });
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| io_err(part_ctx(), e))?;
+            hasher.update(&chunk);
+        }
+        file.flush().await.map_err(|e| io_err(part_ctx(), e))?;
+        file.sync_all().await.map_err(|e| io_err(part_ctx(), e))?;
+        drop(file);
+
+        let actual = Digest(hasher.finalize().into());
+        if actual != digest {
+            warn!(expected = %digest, %actual, received, "artifact digest mismatch; discarding download");
+            remove_file_if_exists(&part_path)?;
+            return Err(InstallError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        if announced_size > 0 && received != announced_size {
+            warn!(%digest, received, announced_size, "artifact size differs from the announced size; digest matches, accepting");
+        }
+        {
+            let (part_path, final_path) = (part_path.clone(), final_path.clone());
+            blocking("store the verified artifact", move || {
+                fs::rename(&part_path, &final_path).map_err(|e| {
+                    io_err(format!("rename {} into the cache", part_path.display()), e)
+                })?;
+                fsync_dir(&cache_dir)
+            })
+            .await?;
+        }
+        info!(%digest, bytes = received, "artifact verified and cached");
+        Ok(final_path)
+    }
+
+    /// Stages a release: fetches and verifies its artifact, unpacks it into
+    /// `releases/.<id>.tmp`, fsyncs everything and renames it to
+    /// `releases/<id>`.
+    ///
+    /// A release already staged from the same digest is returned with
+    /// `already_present` and nothing fetched; one staged from another digest is
+    /// a [`InstallError::ReleaseConflict`]. On any error the temporary
+    /// directory is removed and nothing else (other releases, `current`) is
+    /// touched.
+    pub async fn stage(&self, def: &ServiceDefinition) -> Result<Staged, InstallError> {
+        validate_name("service", &def.service)?;
+        validate_name("release", &def.release)?;
+        let (service, release, digest) = (&def.service, &def.release, def.artifact.digest);
+        let path = self.layout.release_dir(service, release);
+        let marker = marker_path(&self.layout, service, release);
+
+        let existing = {
+            let (path, marker) = (path.clone(), marker.clone());
+            blocking("check for a staged release", move || {
+                existing_release(&path, &marker)
+            })
+            .await?
+        };
+        match existing {
+            Existing::Absent => {}
+            Existing::Staged(staged) if staged == digest => {
+                debug!(%service, %release, %digest, "release already staged");
+                return Ok(Staged {
+                    path,
+                    already_present: true,
+                });
+            }
+            Existing::Staged(staged) => {
+                return Err(InstallError::ReleaseConflict {
+                    service: service.clone(),
+                    release: release.clone(),
+                    staged,
+                    requested: digest,
+                });
+            }
+            Existing::Unmarked => {
+                return Err(InstallError::Unmarked {
+                    service: service.clone(),
+                    release: release.clone(),
+                    path,
+                });
+            }
+        }
+
+        let artifact = self.ensure_artifact(digest, def.artifact.size).await?;
+        let job = UnpackJob {
+            artifact,
+            releases_dir: self.layout.releases_dir(service),
+            tmp: staging_dir(&self.layout, service, release),
+            marker,
+            path: path.clone(),
+            digest,
+            limits: self.limits,
+        };
+        let stats = blocking("unpack the release", move || job.run()).await?;
+        info!(%service, %release, %digest, files = stats.files, bytes = stats.bytes, "release staged");
+        Ok(Staged {
+            path,
+            already_present: false,
+        })
+    }
+
+    /// Atomically points `services/<svc>/current` at `releases/<id>`: a new
+    /// relative link is created beside it and renamed over it, then the
+    /// service directory is fsynced.
+    pub fn switch_current(&self, service: &str, release: &str) -> Result<(), InstallError> {
+        validate_name("service", service)?;
+        validate_name("release", release)?;
+        if !self.is_staged(service, release) {
+            return Err(InstallError::NotStaged {
+                service: service.to_owned(),
+                release: release.to_owned(),
+            });
+        }
+        let service_dir = self.layout.service_dir(service);
+        let current = self.layout.current_link(service);
+        let tmp = service_dir.join(format!(
+            ".current.tmp.{}.{}",
+            std::process::id(),
+            LINK_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        remove_file_if_exists(&tmp)?;
+        let target = Path::new("releases").join(release);
+        std::os::unix::fs::symlink(&target, &tmp)
+            .map_err(|e| io_err(format!("create link {}", tmp.display()), e))?;
+        if let Err(e) = fs::rename(&tmp, &current) {
+            if let Err(cleanup) = fs::remove_file(&tmp) {
+                warn!(path = %tmp.display(), error = %cleanup, "could not remove temporary link");
+            }
+            return Err(io_err(
+                format!("replace {} with a link to {release}", current.display()),
+                e,
+            ));
+        }
+        fsync_dir(&service_dir)?;
+        info!(%service, %release, "switched current");
+        Ok(())
+    }
+
+    /// Removes `current` (rolling a service's first release back to nothing).
+    /// Idempotent.
+    pub fn clear_current(&self, service: &str) -> Result<(), InstallError> {
+        validate_name("service", service)?;
+        let current = self.layout.current_link(service);
+        match fs::remove_file(&current) {
+            Ok(()) => {
+                fsync_dir(&self.layout.service_dir(service))?;
+                info!(%service, "cleared current");
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("remove {}", current.display()), e)),
+        }
+    }
+
+    /// The release `current` points to, if any.
+    pub fn read_current(&self, service: &str) -> Result<Option<String>, InstallError> {
+        validate_name("service", service)?;
+        let current = self.layout.current_link(service);
+        match fs::read_link(&current) {
+            Ok(target) => Ok(target
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(
+                format!(
+                    "read the link {} (if it is not a symlink, remove it)",
+                    current.display()
+                ),
+                e,
+            )),
+        }
+    }
+
+    /// Whether `releases/<id>` is fully staged (directory and digest marker).
+    pub fn is_staged(&self, service: &str, release: &str) -> bool {
+        if validate_name("service", service).is_err() || validate_name("release", release).is_err()
+        {
+            return false;
+        }
+        let dir_ok = fs::symlink_metadata(self.layout.release_dir(service, release))
+            .is_ok_and(|m| m.file_type().is_dir());
+        dir_ok && marker_path(&self.layout, service, release).is_file()
+    }
+
+    /// The digest a staged release was unpacked from.
+    pub fn staged_digest(
+        &self,
+        service: &str,
+        release: &str,
+    ) -> Result<Option<Digest>, InstallError> {
+        validate_name("service", service)?;
+        validate_name("release", release)?;
+        match existing_release(
+            &self.layout.release_dir(service, release),
+            &marker_path(&self.layout, service, release),
+        )? {
+            Existing::Staged(digest) => Ok(Some(digest)),
+            Existing::Absent | Existing::Unmarked => Ok(None),
+        }
+    }
+
+    /// Ids of the fully staged releases of a service, sorted by name.
+    pub fn staged_releases(&self, service: &str) -> Result<Vec<String>, InstallError> {
+        validate_name("service", service)?;
+        let dir = self.layout.releases_dir(service);
+        let mut out = Vec::new();
+        for name in list_dir(&dir)? {
+            if let Some(name) = name.to_str()
+                && self.is_staged(service, name)
+            {
+                out.push(name.to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes an unpacked release (retention). Idempotent; refuses the
+    /// release `current` points to; leaves the artifact cache alone.
+    pub fn remove_release(&self, service: &str, release: &str) -> Result<(), InstallError> {
+        validate_name("service", service)?;
+        validate_name("release", release)?;
+        if self.read_current(service)?.as_deref() == Some(release) {
+            return Err(InstallError::InUse {
+                service: service.to_owned(),
+                release: release.to_owned(),
+            });
+        }
+        let releases_dir = self.layout.releases_dir(service);
+        let dir = self.layout.release_dir(service, release);
+        let trash = staging_dir(&self.layout, service, release);
+        // Rename first, so a crash mid-delete never leaves a half-deleted
+        // directory that still looks staged; clean_partial removes the rest.
+        let present = match fs::symlink_metadata(&dir) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(format!("inspect {}", dir.display()), e)),
+        };
+        if present {
+            remove_path(&trash)?;
+            fs::rename(&dir, &trash)
+                .map_err(|e| io_err(format!("move {} aside", dir.display()), e))?;
+        }
+        let marker = marker_path(&self.layout, service, release);
+        remove_file_if_exists(&marker)?;
+        if present || releases_dir.exists() {
+            fsync_dir(&releases_dir)?;
+        }
+        remove_path(&trash)?;
+        if present {
+            info!(%service, %release, "removed release");
+        }
+        Ok(())
+    }
+
+    /// Removes leftovers of interrupted staging and switching: `releases/.*.tmp`,
+    /// digest markers without a release, and temporary `current` links.
+    /// Partial downloads in the cache are kept for resuming. Called at agent
+    /// start.
+    pub fn clean_partial(&self, service: &str) -> Result<(), InstallError> {
+        validate_name("service", service)?;
+        let releases_dir = self.layout.releases_dir(service);
+        let mut removed_any = false;
+        for name in list_dir(&releases_dir)? {
+            let Some(name) = name.to_str() else { continue };
+            let Some(hidden) = name.strip_prefix('.') else {
+                continue;
+            };
+            let stale = if hidden.ends_with(".tmp") {
+                true
+            } else if let Some(release) = hidden.strip_suffix(".digest") {
+                !fs::symlink_metadata(releases_dir.join(release)).is_ok_and(|m| m.is_dir())
+            } else {
+                false
+            };
+            if stale {
+                debug!(%service, leftover = name, "removing leftover of interrupted staging");
+                remove_path(&releases_dir.join(name))?;
+                removed_any = true;
+            }
+        }
+        if removed_any {
+            fsync_dir(&releases_dir)?;
+        }
+        let service_dir = self.layout.service_dir(service);
+        let mut removed_link = false;
+        for name in list_dir(&service_dir)? {
+            if name.as_bytes().starts_with(b".current.tmp") {
+                remove_path(&service_dir.join(&name))?;
+                removed_link = true;
+            }
+        }
+        if removed_link {
+            fsync_dir(&service_dir)?;
+        }
+        Ok(())
+    }
+
+    fn fetch_lock(&self, digest: Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .fetch_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(locks.entry(digest).or_default())
+    }
+}
+
+/// `releases/.<id>.tmp`: where a release is unpacked before its rename.
+fn staging_dir(layout: &Layout, service: &str, release: &str) -> PathBuf {
+    layout.releases_dir(service).join(format!(".{release}.tmp"))
+}
+
+/// `releases/.<id>.digest`: the digest a staged release was unpacked from.
+fn marker_path(layout: &Layout, service: &str, release: &str) -> PathBuf {
+    layout
+        .releases_dir(service)
+        .join(format!(".{release}.digest"))
+}
+
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T, F>(what: &str, f: F) -> Result<T, InstallError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, InstallError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => Err(InstallError::Io {
+            context: what.to_owned(),
+            source: io::Error::other(format!("background task failed: {e}")),
+        }),
+    }
+}
+
+enum Prepared {
+    /// `cache/<hex>` is present and valid.
+    Cached,
+    /// Download from `offset`; `hasher` has already seen the `.part` bytes.
+    Download { hasher: Sha256, offset: u64 },
+}
+
+fn prepare_download(
+    cache_dir: &Path,
+    final_path: &Path,
+    part_path: &Path,
+    digest: Digest,
+    max_len: u64,
+) -> Result<Prepared, InstallError> {
+    fs::create_dir_all(cache_dir)
+        .map_err(|e| io_err(format!("create {}", cache_dir.display()), e))?;
+    if final_path.exists() {
+        let actual = sha256_file(final_path)
+            .map_err(|e| io_err(format!("hash {}", final_path.display()), e))?;
+        if actual == digest {
+            return Ok(Prepared::Cached);
+        }
+        warn!(expected = %digest, %actual, "cached artifact is corrupt; fetching it again");
+        remove_file_if_exists(final_path)?;
+    }
+    let mut hasher = Sha256::new();
+    let offset = match File::open(part_path) {
+        Ok(file) => {
+            let len = hash_into(file, &mut hasher)
+                .map_err(|e| io_err(format!("hash {}", part_path.display()), e))?;
+            if len > max_len {
+                warn!(%digest, len, max_len, "partial download is over the size limit; starting over");
+                remove_file_if_exists(part_path)?;
+                hasher = Sha256::new();
+                0
+            } else {
+                len
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(format!("open {}", part_path.display()), e)),
+    };
+    Ok(Prepared::Download { hasher, offset })
+}
+
+/// What is at a release's path before staging.
+enum Existing {
+    Absent,
+    Staged(Digest),
+    Unmarked,
+}
+
+fn existing_release(dir: &Path, marker: &Path) -> Result<Existing, InstallError> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Absent),
+        Err(e) => return Err(io_err(format!("inspect {}", dir.display()), e)),
+        Ok(m) if !m.file_type().is_dir() => return Ok(Existing::Unmarked),
+        Ok(_) => {}
+    }
+    match fs::read_to_string(marker) {
+        Ok(text) => match text.trim().parse::<Digest>() {
+            Ok(digest) => Ok(Existing::Staged(digest)),
+            Err(e) => {
+                warn!(marker = %marker.display(), error = %e, "unreadable digest marker");
+                Ok(Existing::Unmarked)
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Existing::Unmarked),
+        Err(e) => Err(io_err(format!("read {}", marker.display()), e)),
+    }
+}
+
+/// The blocking half of [`Installer::stage`].
+struct UnpackJob {
+    artifact: PathBuf,
+    releases_dir: PathBuf,
+    tmp: PathBuf,
+    marker: PathBuf,
+    path: PathBuf,
+    digest: Digest,
+    limits: ArchiveLimits,
+}
+
+impl UnpackJob {
+    fn run(self) -> Result<UnpackStats, InstallError> {
+        fs::create_dir_all(&self.releases_dir)
+            .map_err(|e| io_err(format!("create {}", self.releases_dir.display()), e))?;
+        remove_path(&self.tmp)?;
+        let mut marker_tmp = self.marker.clone().into_os_string();
+        marker_tmp.push(".tmp");
+        let marker_tmp = PathBuf::from(marker_tmp);
+        // Removes the partial release on every way out, panics included,
+        // until the final rename succeeds.
+        let mut cleanup = RemoveOnDrop(vec![
+            self.tmp.clone(),
+            marker_tmp.clone(),
+            self.marker.clone(),
+        ]);
+        DirBuilder::new()
+            .mode(0o755)
+            .create(&self.tmp)
+            .map_err(|e| io_err(format!("create {}", self.tmp.display()), e))?;
+        let stats = unpack_tar_gz(&self.artifact, &self.tmp, &self.limits)?;
+
+        // The marker is durable before the release appears, so a release
+        // directory without a marker is never ours.
+        write_synced(&marker_tmp, format!("{}\n", self.digest).as_bytes())?;
+        fs::rename(&marker_tmp, &self.marker)
+            .map_err(|e| io_err(format!("rename {}", marker_tmp.display()), e))?;
+        fsync_dir(&self.releases_dir)?;
+        fs::rename(&self.tmp, &self.path)
+            .map_err(|e| io_err(format!("rename {} into place", self.tmp.display()), e))?;
+        cleanup.0.clear();
+        fsync_dir(&self.releases_dir)?;
+        Ok(stats)
+    }
+}
+
+/// Removes its paths when dropped (unless emptied first).
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            if let Err(e) = remove_path(path) {
+                warn!(path = %path.display(), error = %e, "could not remove partial staging");
+            }
+        }
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), InstallError> {
+    let ctx = || format!("write {}", path.display());
+    let mut file = File::create(path).map_err(|e| io_err(ctx(), e))?;
+    file.write_all(data).map_err(|e| io_err(ctx(), e))?;
+    file.sync_all().map_err(|e| io_err(ctx(), e))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), InstallError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(format!("fsync {}", dir.display()), e))
+}
+
+fn remove_file_if_exists(path: &Path) -> Result<(), InstallError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("remove {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes a file, link or directory tree; a missing path is fine.
+fn remove_path(path: &Path) -> Result<(), InstallError> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_err(format!("remove {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Names in a directory; a missing directory has none.
+fn list_dir(dir: &Path) -> Result<Vec<std::ffi::OsString>, InstallError> {
+    let ctx = || format!("list {}", dir.display());
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(ctx(), e)),
+    };
+    entries
+        .map(|entry| entry.map(|e| e.file_name()).map_err(|e| io_err(ctx(), e)))
+        .collect()
+}
+
+fn digest_of(data: &[u8]) -> Digest {
+    Digest(Sha256::digest(data).into())
+}
+
+/// Feeds everything `reader` yields into `hasher`; returns the byte count.
+fn hash_into(mut reader: impl Read, hasher: &mut Sha256) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut total = 0u64;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// sha256 of a file, streaming.
+pub fn sha256_file(path: &Path) -> io::Result<Digest> {
+    let mut hasher = Sha256::new();
+    hash_into(File::open(path)?, &mut hasher)?;
+    Ok(Digest(hasher.finalize().into()))
+}
+
+/// Unpacks a tar.gz into `dest`, an existing empty directory, refusing
+/// anything unsafe (see the module docs), and fsyncs every file and directory
+/// it creates. Used by [`Installer::stage`]; public for fuzzing and tests.
+///
+/// On error, `dest` may hold part of the archive; the caller removes it.
+pub fn unpack_tar_gz(
+    archive: &Path,
+    dest: &Path,
+    limits: &ArchiveLimits,
+) -> Result<UnpackStats, InstallError> {
+    let file = File::open(archive)
+        .map_err(|e| io_err(format!("open artifact {}", archive.display()), e))?;
+    let budget = limits
+        .max_unpacked_bytes
+        .saturating_add(limits.max_entries.saturating_mul(ENTRY_OVERHEAD))
+        .saturating_add(TRAILER_SLACK);
+    let exceeded = Rc::new(Cell::new(false));
+    let reader = Budget {
+        inner: GzDecoder::new(BufReader::new(file)),
+        remaining: budget,
+        exceeded: Rc::clone(&exceeded),
+    };
+    let mut tar = tar::Archive::new(reader);
+    let mut unpacker = Unpacker {
+        dest,
+        limits,
+        budget,
+        exceeded,
+        stats: UnpackStats::default(),
+        entries: 0,
+        last_entry: String::new(),
+        dirs: vec![dest.to_path_buf()],
+        buf: vec![0u8; COPY_BUF],
+    };
+    for entry in tar.entries().map_err(|e| unpacker.read_failure(e))? {
+        let mut entry = entry.map_err(|e| unpacker.read_failure(e))?;
+        unpacker.entry(&mut entry)?;
+    }
+    // Read past the end-of-archive blocks so the gzip trailer (CRC and
+    // length) is checked too: a cut-off artifact fails here instead of
+    // passing for a shorter archive.
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| unpacker.read_failure(e))?;
+    unpacker.sync_dirs()?;
+    Ok(unpacker.stats)
+}
+
+/// Caps the decompressed stream as a whole, so data the extractor never
+/// writes (long-name records, the bodies of directory entries, trailing
+/// padding) cannot be used to burn CPU or memory without limit.
+struct Budget<R> {
+    inner: R,
+    remaining: u64,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let len = n as u64;
+        if len > self.remaining {
+            self.exceeded.set(true);
+            return Err(io::Error::other("decompressed size limit reached"));
+        }
+        self.remaining -= len;
+        Ok(n)
+    }
+}
+
+/// State of one extraction.
+struct Unpacker<'a> {
+    dest: &'a Path,
+    limits: &'a ArchiveLimits,
+    /// Cap of the whole decompressed stream, for messages.
+    budget: u64,
+    /// Set by [`Budget`] when the cap is hit.
+    exceeded: Rc<Cell<bool>>,
+    stats: UnpackStats,
+    entries: u64,
+    /// Path of the entry being processed, for error messages.
+    last_entry: String,
+    /// Directories created (and `dest`), to fsync at the end.
+    dirs: Vec<PathBuf>,
+    buf: Vec<u8>,
+}
+
+const ABSOLUTE: &str = "absolute path; rebuild the artifact with relative paths inside the release";
+const LEAVES: &str = "path leaves the release directory; rebuild the artifact with relative paths inside the release";
+
+impl Unpacker<'_> {
+    /// Maps an error from reading the archive stream.
+    fn read_failure(&self, e: io::Error) -> InstallError {
+        if self.exceeded.get() {
+            let entry = if self.last_entry.is_empty() {
+                "(archive)"
+            } else {
+                &self.last_entry
+            };
+            return unsafe_entry(
+                entry,
+                format!(
+                    "the archive decompresses to more than {} bytes (max_unpacked_bytes plus \
+                     room for tar headers); publish a smaller artifact or raise \
+                     max_unpacked_bytes in the agent config",
+                    self.budget
+                ),
+            );
+        }
+        let reason = if self.last_entry.is_empty() {
+            e.to_string()
+        } else {
+            format!("{e} (at or after entry {:?})", self.last_entry)
+        };
+        InstallError::Corrupt { reason }
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), InstallError> {
+        use tar::EntryType as T;
+
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        self.last_entry.clone_from(&name);
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(unsafe_entry(
+                &name,
+                format!(
+                    "the archive has more than {} entries, the agent's max_entries; pack fewer \
+                     files or raise max_entries in the agent config",
+                    self.limits.max_entries
+                ),
+            ));
+        }
+        let kind = entry.header().entry_type();
+        match kind {
+            // Attributes for the entries that follow; nothing to write.
+            T::XGlobalHeader => return Ok(()),
+            T::Char | T::Block => {
+                return Err(unsafe_entry(
+                    &name,
+                    "device files are not allowed in a release; remove them from the artifact",
+                ));
+            }
+            T::Fifo => {
+                return Err(unsafe_entry(
+                    &name,
+                    "named pipes (fifos) are not allowed in a release; remove them from the \
+                     artifact",
+                ));
+            }
+            T::GNUSparse => {
+                return Err(unsafe_entry(
+                    &name,
+                    "sparse files are not supported; rebuild the artifact without --sparse",
+                ));
+            }
+            T::Regular | T::Continuous | T::Directory | T::Symlink | T::Link => {}
+            other => {
+                return Err(unsafe_entry(
+                    &name,
+                    format!(
+                        "entry type {other:?} is not supported; a release may hold only files, \
+                         directories and links"
+                    ),
+                ));
+            }
+        }
+        let rel = safe_path(&raw).map_err(|reason| unsafe_entry(&name, reason))?;
+        if rel.as_os_str().is_empty() {
+            if kind == T::Directory {
+                // The archive's root (`./`): `dest` itself.
+                return Ok(());
+            }
+            return Err(unsafe_entry(
+                &name,
+                "the entry has no file name; rebuild the artifact",
+            ));
+        }
+        self.prepare_parents(&name, &rel)?;
+        let target = self.dest.join(&rel);
+        match kind {
+            T::Directory => self.directory(&name, &target, entry),
+            T::Symlink => self.symlink(&name, &rel, &target, entry),
+            T::Link => self.hard_link(&name, &target, entry),
+            _ => self.file(&name, &target, entry),
+        }
+    }
+
+    /// Makes every parent of `rel` a real directory inside `dest`, creating
+    /// missing ones; refuses to go through a symlink or a file.
+    fn prepare_parents(&mut self, name: &str, rel: &Path) -> Result<(), InstallError> {
+        let Some(parent) = rel.parent() else {
+            return Ok(());
+        };
+        let mut dir = self.dest.to_path_buf();
+        let mut shown = PathBuf::new();
+        for component in parent.components() {
+            dir.push(component);
+            shown.push(component);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(m) => {
+                    let what = if m.file_type().is_symlink() {
+                        "a symlink"
+                    } else {
+                        "not a directory"
+                    };
+                    return Err(unsafe_entry(
+                        name,
+                        format!(
+                            "its parent {:?} is {what}, and nothing is written through a link \
+                             or into a file; put the entry at its real path in the artifact",
+                            shown.display()
+                        ),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.create_dir(&dir, 0o755)?,
+                Err(e) => return Err(io_err(format!("inspect {}", dir.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn create_dir(&mut self, dir: &Path, mode: u32) -> Result<(), InstallError> {
+        let ctx = || format!("create directory {}", dir.display());
+        DirBuilder::new()
+            .mode(mode)
+            .create(dir)
+            .map_err(|e| io_err(ctx(), e))?;
+        // Explicitly, because the process umask applied to the line above.
+        fs::set_permissions(dir, Permissions::from_mode(mode)).map_err(|e| io_err(ctx(), e))?;
+        self.dirs.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Refuses to replace anything already extracted.
+    fn ensure_absent(&self, name: &str, target: &Path) -> Result<(), InstallError> {
+        match fs::symlink_metadata(target) {
+            Ok(_) => Err(unsafe_entry(
+                name,
+                "the path is already in the archive (duplicate entry), and entries never \
+                 replace each other; rebuild the artifact without duplicates",
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("inspect {}", target.display()), e)),
+        }
+    }
+
+    fn mode<R: Read>(&self, name: &str, entry: &tar::Entry<'_, R>) -> Result<u32, InstallError> {
+        entry.header().mode().map_err(|e| InstallError::Corrupt {
+            reason: format!("entry {name:?} has an unreadable mode: {e}"),
+        })
+    }
+
+    fn directory<R: Read>(
+        &mut self,
+        name: &str,
+        target: &Path,
+        entry: &tar::Entry<'_, R>,
+    ) -> Result<(), InstallError> {
+        // The owner keeps full access so the rest of the archive, and later
+        // the retention cleanup, can write and delete inside it.
+        let mode = (self.mode(name, entry)? & 0o777) | 0o700;
+        match fs::symlink_metadata(target) {
+            Ok(m) if m.file_type().is_dir() => {
+                fs::set_permissions(target, Permissions::from_mode(mode))
+                    .map_err(|e| io_err(format!("set the mode of {}", target.display()), e))
+            }
+            Ok(_) => self.ensure_absent(name, target),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.create_dir(target, mode),
+            Err(e) => Err(io_err(format!("inspect {}", target.display()), e)),
+        }
+    }
+
+    fn file<R: Read>(
+        &mut self,
+        name: &str,
+        target: &Path,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), InstallError> {
+        let mode = self.mode(name, entry)?;
+        if mode & 0o6000 != 0 {
+            return Err(unsafe_entry(
+                name,
+                format!(
+                    "setuid/setgid bit set (mode {:o}); a release must not carry files that \
+                     raise privileges — clear the bit when building the artifact",
+                    mode & 0o7777
+                ),
+            ));
+        }
+        self.ensure_absent(name, target)?;
+        let ctx = || format!("write {}", target.display());
+        // create_new: O_EXCL, which also refuses to follow a symlink.
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(target)
+            .map_err(|e| io_err(ctx(), e))?;
+        let mut copied = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_failure(e)),
+            };
+            self.stats.bytes = self.stats.bytes.saturating_add(n as u64);
+            if self.stats.bytes > self.limits.max_unpacked_bytes {
+                return Err(unsafe_entry(
+                    name,
+                    format!(
+                        "the archive unpacks to more than {} bytes, the agent's \
+                         max_unpacked_bytes; publish a smaller artifact or raise \
+                         max_unpacked_bytes in the agent config",
+                        self.limits.max_unpacked_bytes
+                    ),
+                ));
+            }
+            out.write_all(&self.buf[..n])
+                .map_err(|e| io_err(ctx(), e))?;
+            copied += n as u64;
+        }
+        if copied != entry.size() {
+            return Err(InstallError::Corrupt {
+                reason: format!(
+                    "entry {name:?} is cut short: {copied} of {} bytes",
+                    entry.size()
+                ),
+            });
+        }
+        out.set_permissions(Permissions::from_mode(mode & 0o777))
+            .map_err(|e| io_err(ctx(), e))?;
+        out.sync_all().map_err(|e| io_err(ctx(), e))?;
+        self.stats.files += 1;
+        Ok(())
+    }
+
+    fn symlink<R: Read>(
+        &mut self,
+        name: &str,
+        rel: &Path,
+        target: &Path,
+        entry: &tar::Entry<'_, R>,
+    ) -> Result<(), InstallError> {
+        let link = link_target(name, entry)?;
+        let depth = rel.components().count().saturating_sub(1);
+        check_symlink_target(&link, depth).map_err(|reason| unsafe_entry(name, reason))?;
+        self.ensure_absent(name, target)?;
+        std::os::unix::fs::symlink(OsStr::from_bytes(&link), target)
+            .map_err(|e| io_err(format!("create link {}", target.display()), e))
+    }
+
+    fn hard_link<R: Read>(
+        &mut self,
+        name: &str,
+        target: &Path,
+        entry: &tar::Entry<'_, R>,
+    ) -> Result<(), InstallError> {
+        let link = link_target(name, entry)?;
+        let shown = String::from_utf8_lossy(&link);
+        let not_a_file = || {
+            unsafe_entry(
+                name,
+                format!(
+                    "hard link target {shown:?} is not a regular file extracted earlier from \
+                     this archive; a hard link may only name such a file"
+                ),
+            )
+        };
+        let source_rel = safe_path(&link).map_err(|reason| {
+            unsafe_entry(name, format!("hard link target {shown:?}: {reason}"))
+        })?;
+        if source_rel.as_os_str().is_empty() {
+            return Err(not_a_file());
+        }
+        // Every step to the source must be a real directory, and the source
+        // itself a regular file: never a link, never outside `dest`.
+        let mut source = self.dest.to_path_buf();
+        let count = source_rel.components().count();
+        for (i, component) in source_rel.components().enumerate() {
+            source.push(component);
+            let Ok(m) = fs::symlink_metadata(&source) else {
+                return Err(not_a_file());
+            };
+            let ok = if i + 1 == count {
+                m.file_type().is_file()
+            } else {
+                m.file_type().is_dir()
+            };
+            if !ok {
+                return Err(not_a_file());
+            }
+        }
+        self.ensure_absent(name, target)?;
+        fs::hard_link(&source, target)
+            .map_err(|e| io_err(format!("create hard link {}", target.display()), e))?;
+        self.stats.files += 1;
+        Ok(())
+    }
+
+    fn sync_dirs(&self) -> Result<(), InstallError> {
+        // Deepest (latest created) first, `dest` last.
+        self.dirs.iter().rev().try_for_each(|dir| fsync_dir(dir))
+    }
+}
+
+fn link_target<R: Read>(name: &str, entry: &tar::Entry<'_, R>) -> Result<Vec<u8>, InstallError> {
+    match entry.link_name_bytes() {
+        Some(link) => Ok(link.into_owned()),
+        None => Err(InstallError::Corrupt {
+            reason: format!("link entry {name:?} has no target"),
+        }),
+    }
+}
+
+/// The entry path as a relative path of normal components (`.` dropped), or
+/// why it is unsafe. Empty for the archive root.
+fn safe_path(raw: &[u8]) -> Result<PathBuf, String> {
+    if raw.contains(&0) {
+        return Err("the path contains a NUL byte; rebuild the artifact".to_owned());
+    }
+    let mut out = PathBuf::new();
+    for component in Path::new(OsStr::from_bytes(raw)).components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return Err(ABSOLUTE.to_owned()),
+            Component::ParentDir => return Err(LEAVES.to_owned()),
+        }
+    }
+    Ok(out)
+}
+
+/// A symlink target is relative: some leading `..` (no more than the link's
+/// depth inside the release), then only names. Resolved from the link's real
+/// parent directory, it therefore stays inside the release.
+fn check_symlink_target(target: &[u8], depth: usize) -> Result<(), String> {
+    let shown = String::from_utf8_lossy(target);
+    if target.is_empty() {
+        return Err("the symlink has an empty target; rebuild the artifact".to_owned());
+    }
+    if target.contains(&0) {
+        return Err(format!(
+            "symlink target {shown:?} contains a NUL byte; rebuild the artifact"
+        ));
+    }
+    let mut ups = 0usize;
+    let mut seen_name = false;
+    for component in Path::new(OsStr::from_bytes(target)).components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "symlink target {shown:?} is absolute, so it points outside the release; \
+                     make it relative to the link's directory"
+                ));
+            }
+            Component::ParentDir if seen_name => {
+                return Err(format!(
+                    "symlink target {shown:?} has `..` after a name; write it as leading `..` \
+                     followed by names only"
+                ));
+            }
+            Component::ParentDir => ups += 1,
+            Component::CurDir => {}
+            Component::Normal(_) => seen_name = true,
+        }
+    }
+    if ups > depth {
+        return Err(format!(
+            "symlink target {shown:?} points outside the release directory; a link may only \
+             point at paths inside the release"
+        ));
+    }
+    Ok(())
+}

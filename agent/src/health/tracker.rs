@@ -1,0 +1,389 @@
+//! Turns probe outcomes and resource samples into a verdict, with the
+//! thresholds of each check, and runs that loop for a running release
+//! ([`spawn_monitor`]).
+//!
+//! A check starts *pending*; it is *passing* after `success_threshold`
+//! consecutive passes and *failing* after `failure_threshold` consecutive
+//! failures. The service is healthy when its process is alive, every check is
+//! passing and no resource ceiling has been crossed for `sustained_samples`
+//! samples in a row.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::probe::{HealthProbe, ProbeContext, ProbeOutcome};
+use crate::host_stats::{HostStats, ProcessSample};
+use crate::release::{HealthCheck, Thresholds};
+
+/// The health of a running release.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Some check has not passed yet.
+    Pending,
+    /// Every check passing, process alive, under every ceiling.
+    Healthy,
+    /// Something is wrong; the reason names it with measured values.
+    Unhealthy(String),
+}
+
+impl Verdict {
+    /// Whether this is [`Verdict::Healthy`].
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Verdict::Healthy)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckStatus {
+    Pending,
+    Passing,
+    Failing,
+}
+
+#[derive(Debug, Clone)]
+struct CheckState {
+    status: CheckStatus,
+    ok_run: u32,
+    fail_run: u32,
+    last_failure: Option<String>,
+}
+
+/// Threshold bookkeeping for the checks and ceilings of one release.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    checks: Vec<HealthCheck>,
+    states: Vec<CheckState>,
+    thresholds: Thresholds,
+    rss_over: u32,
+    cpu_over: u32,
+    last_sample: Option<ProcessSample>,
+}
+
+impl Tracker {
+    /// A tracker with every check pending.
+    pub fn new(checks: Vec<HealthCheck>, thresholds: Thresholds) -> Self {
+        let states = checks
+            .iter()
+            .map(|_| CheckState {
+                status: CheckStatus::Pending,
+                ok_run: 0,
+                fail_run: 0,
+                last_failure: None,
+            })
+            .collect();
+        Tracker {
+            checks,
+            states,
+            thresholds,
+            rss_over: 0,
+            cpu_over: 0,
+            last_sample: None,
+        }
+    }
+
+    /// The checks tracked.
+    pub fn checks(&self) -> &[HealthCheck] {
+        &self.checks
+    }
+
+    /// Records one probe outcome of check `idx`.
+    pub fn record(&mut self, idx: usize, outcome: &ProbeOutcome) {
+        let (Some(check), Some(st)) = (self.checks.get(idx), self.states.get_mut(idx)) else {
+            return;
+        };
+        match outcome {
+            ProbeOutcome::Pass => {
+                st.ok_run += 1;
+                st.fail_run = 0;
+                if st.ok_run >= check.success_threshold {
+                    st.status = CheckStatus::Passing;
+                }
+            }
+            ProbeOutcome::Fail(reason) => {
+                st.fail_run += 1;
+                st.ok_run = 0;
+                st.last_failure = Some(format!("check {:?}: {reason}", check.name));
+                if st.fail_run >= check.failure_threshold {
+                    st.status = CheckStatus::Failing;
+                }
+            }
+        }
+    }
+
+    /// Records one resource sample of the service's process tree.
+    pub fn record_resources(&mut self, sample: ProcessSample) {
+        self.last_sample = Some(sample);
+        let over_rss = self
+            .thresholds
+            .max_rss_bytes
+            .is_some_and(|max| sample.rss_bytes > max);
+        let over_cpu = self
+            .thresholds
+            .max_cpu_percent
+            .is_some_and(|max| sample.cpu_percent > max);
+        self.rss_over = if over_rss { self.rss_over + 1 } else { 0 };
+        self.cpu_over = if over_cpu { self.cpu_over + 1 } else { 0 };
+    }
+
+    /// The last resource sample.
+    pub fn last_sample(&self) -> Option<ProcessSample> {
+        self.last_sample
+    }
+
+    /// The verdict now; `process_alive` is false when the supervised process is gone.
+    pub fn verdict(&self, process_alive: bool) -> Verdict {
+        if !process_alive {
+            return Verdict::Unhealthy("the service process is not running".into());
+        }
+        let sustained = self.thresholds.sustained_samples.max(1);
+        if self.rss_over >= sustained {
+            let rss = self.last_sample.map(|s| s.rss_bytes).unwrap_or(0);
+            let max = self.thresholds.max_rss_bytes.unwrap_or(0);
+            return Verdict::Unhealthy(format!(
+                "memory: rss {rss} bytes over the ceiling of {max} bytes for {} samples",
+                self.rss_over
+            ));
+        }
+        if self.cpu_over >= sustained {
+            let cpu = self.last_sample.map(|s| s.cpu_percent).unwrap_or(0.0);
+            let max = self.thresholds.max_cpu_percent.unwrap_or(0.0);
+            return Verdict::Unhealthy(format!(
+                "cpu: {cpu:.1}% over the ceiling of {max:.1}% for {} samples",
+                self.cpu_over
+            ));
+        }
+        if let Some(st) = self
+            .states
+            .iter()
+            .find(|s| s.status == CheckStatus::Failing)
+        {
+            return Verdict::Unhealthy(
+                st.last_failure
+                    .clone()
+                    .unwrap_or_else(|| "a health check is failing".into()),
+            );
+        }
+        if self.states.iter().any(|s| s.status == CheckStatus::Pending) {
+            return Verdict::Pending;
+        }
+        Verdict::Healthy
+    }
+
+    /// The most recent failure of any check, for deadline messages.
+    pub fn last_failure(&self) -> Option<String> {
+        self.states.iter().find_map(|s| s.last_failure.clone())
+    }
+}
+
+/// What the monitor publishes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthView {
+    /// Current verdict.
+    pub verdict: Verdict,
+    /// Latest failure seen, even when the verdict is pending.
+    pub last_failure: Option<String>,
+    /// Latest resource sample of the process tree.
+    pub sample: Option<ProcessSample>,
+}
+
+/// Where the monitor learns whether the service's process runs, and its pid.
+pub trait ProcessWatch: Send + Sync + 'static {
+    /// `Some(pid)` of the main process when known; `None` when the supervision
+    /// mode has no pid (systemd, hooks).
+    fn pid(&self) -> Option<u32>;
+    /// Whether the service's process runs (always true without a pid).
+    fn alive(&self) -> bool;
+}
+
+/// How often resources are sampled (CPU % needs ≥ 200 ms between refreshes).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Probes every check at its interval and samples resources until `cancel`,
+/// publishing every change of the view.
+pub fn spawn_monitor(
+    checks: Vec<HealthCheck>,
+    thresholds: Thresholds,
+    ctx: ProbeContext,
+    probe: Arc<dyn HealthProbe>,
+    stats: Arc<Mutex<dyn HostStats>>,
+    process: Arc<dyn ProcessWatch>,
+    cancel: CancellationToken,
+) -> (watch::Receiver<HealthView>, tokio::task::JoinHandle<()>) {
+    let mut tracker = Tracker::new(checks, thresholds);
+    let initial = HealthView {
+        verdict: tracker.verdict(process.alive()),
+        last_failure: None,
+        sample: None,
+    };
+    let (tx, rx) = watch::channel(initial);
+    let task = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut due: Vec<Instant> = tracker.checks().iter().map(|_| start).collect();
+        let mut next_sample = start;
+        loop {
+            let now = Instant::now();
+            for idx in 0..due.len() {
+                if due[idx] <= now {
+                    let check = tracker.checks()[idx].clone();
+                    let outcome = tokio::select! {
+                        o = probe.probe(&check, &ctx) => o,
+                        () = cancel.cancelled() => return,
+                    };
+                    tracker.record(idx, &outcome);
+                    due[idx] = Instant::now() + check.interval;
+                }
+            }
+            if next_sample <= Instant::now() {
+                if let Some(pid) = process.pid() {
+                    let sample = stats.lock().ok().and_then(|mut s| s.process_tree(pid));
+                    if let Some(sample) = sample {
+                        tracker.record_resources(sample);
+                    }
+                }
+                next_sample = Instant::now() + SAMPLE_INTERVAL;
+            }
+            let view = HealthView {
+                verdict: tracker.verdict(process.alive()),
+                last_failure: tracker.last_failure(),
+                sample: tracker.last_sample(),
+            };
+            tx.send_if_modified(|old| {
+                let changed = old.verdict != view.verdict || old.last_failure != view.last_failure;
+                *old = view;
+                changed
+            });
+            // Wake for the next due check, sample, or at least every 250 ms to
+            // notice a dead process quickly.
+            let next = due
+                .iter()
+                .copied()
+                .chain([next_sample, Instant::now() + Duration::from_millis(250)])
+                .min()
+                .unwrap_or_else(Instant::now);
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    });
+    (rx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::CheckKind;
+
+    fn check(name: &str, fail: u32, ok: u32) -> HealthCheck {
+        HealthCheck {
+            name: name.into(),
+            kind: CheckKind::Tcp {
+                address: "127.0.0.1:1".into(),
+            },
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(10),
+            failure_threshold: fail,
+            success_threshold: ok,
+        }
+    }
+
+    fn fail() -> ProbeOutcome {
+        ProbeOutcome::Fail("refused".into())
+    }
+
+    #[test]
+    fn no_checks_is_healthy_while_the_process_lives() {
+        let t = Tracker::new(vec![], Thresholds::default());
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+        assert!(matches!(t.verdict(false), Verdict::Unhealthy(r) if r.contains("not running")));
+    }
+
+    #[test]
+    fn a_check_passes_only_after_its_success_threshold() {
+        let mut t = Tracker::new(vec![check("http", 3, 2)], Thresholds::default());
+        assert_eq!(t.verdict(true), Verdict::Pending);
+        t.record(0, &ProbeOutcome::Pass);
+        assert_eq!(t.verdict(true), Verdict::Pending);
+        t.record(0, &ProbeOutcome::Pass);
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+    }
+
+    #[test]
+    fn a_check_fails_only_after_consecutive_failures() {
+        let mut t = Tracker::new(vec![check("http", 3, 1)], Thresholds::default());
+        t.record(0, &ProbeOutcome::Pass);
+        t.record(0, &fail());
+        t.record(0, &fail());
+        assert_eq!(
+            t.verdict(true),
+            Verdict::Healthy,
+            "two failures < threshold 3"
+        );
+        t.record(0, &ProbeOutcome::Pass);
+        t.record(0, &fail());
+        t.record(0, &fail());
+        assert_eq!(t.verdict(true), Verdict::Healthy, "a pass resets the run");
+        t.record(0, &fail());
+        assert!(
+            matches!(t.verdict(true), Verdict::Unhealthy(r) if r.contains("\"http\"") && r.contains("refused"))
+        );
+        t.record(0, &ProbeOutcome::Pass);
+        assert_eq!(
+            t.verdict(true),
+            Verdict::Healthy,
+            "recovers after success threshold"
+        );
+    }
+
+    #[test]
+    fn every_check_must_pass() {
+        let mut t = Tracker::new(
+            vec![check("a", 1, 1), check("b", 1, 1)],
+            Thresholds::default(),
+        );
+        t.record(0, &ProbeOutcome::Pass);
+        assert_eq!(t.verdict(true), Verdict::Pending);
+        t.record(1, &fail());
+        assert!(matches!(t.verdict(true), Verdict::Unhealthy(r) if r.contains("\"b\"")));
+    }
+
+    #[test]
+    fn ceilings_count_only_when_sustained() {
+        let th = Thresholds {
+            max_rss_bytes: Some(1000),
+            max_cpu_percent: Some(50.0),
+            sustained_samples: 2,
+        };
+        let mut t = Tracker::new(vec![], th);
+        let high_rss = ProcessSample {
+            rss_bytes: 5000,
+            cpu_percent: 1.0,
+        };
+        t.record_resources(high_rss);
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+        t.record_resources(high_rss);
+        assert!(
+            matches!(t.verdict(true), Verdict::Unhealthy(r) if r.contains("5000") && r.contains("1000"))
+        );
+        t.record_resources(ProcessSample {
+            rss_bytes: 10,
+            cpu_percent: 90.0,
+        });
+        assert_eq!(
+            t.verdict(true),
+            Verdict::Healthy,
+            "rss run reset, cpu run 1"
+        );
+        t.record_resources(ProcessSample {
+            rss_bytes: 10,
+            cpu_percent: 90.0,
+        });
+        assert!(
+            matches!(t.verdict(true), Verdict::Unhealthy(r) if r.contains("90.0%") && r.contains("50.0%"))
+        );
+    }
+}
