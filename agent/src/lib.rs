@@ -8,21 +8,27 @@
 //! * [`state`]: the persisted per-service state and journal ([`state::StateStore`],
 //!   sled and in-memory implementations).
 //! * [`update`]: the phase machine ([`update::phase`]), staging and unpacking
-//!   ([`update::installer`]), service supervision ([`update::supervisor`]), hooks
-//!   ([`update::hooks`]) and the per-service worker that drives them
-//!   ([`update::executor`]).
+//!   ([`update::installer`]), service supervision ([`update::supervisor`]) and the
+//!   per-service workers that drive them ([`update::executor`]).
 //! * [`health`]: probes (HTTP, TCP, exec) and the tracker that turns probe
 //!   results into healthy/unhealthy with thresholds.
 //! * [`host_stats`]: host and process CPU/memory from sysinfo.
+//! * [`report`]: wire reports built from the engine's views.
 //! * [`session`]: the outbound stream to the coordinator, with backoff.
 //! * [`admin`]: the local admin API on a Unix socket.
-//! * [`agent`]: wires everything together; `run` is what the binary and tests call.
+//! * [`agent`]: wires everything together; [`agent::run`] is what the binary
+//!   and tests call.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod agent;
+pub mod config;
 pub mod health;
 pub mod host_stats;
 pub mod layout;
 pub mod release;
+pub mod report;
+pub mod session;
 pub mod state;
 pub mod update;

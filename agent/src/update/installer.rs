@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use sha2::{Digest as _, Sha256};
@@ -566,7 +566,8 @@ impl Installer {
     /// `already_present` and nothing fetched; one staged from another digest is
     /// a [`InstallError::ReleaseConflict`]. On any error the temporary
     /// directory is removed and nothing else (other releases, `current`) is
-    /// touched.
+    /// touched. Callers run one operation per service at a time; stages of
+    /// different services may share an artifact safely.
     pub async fn stage(&self, def: &ServiceDefinition) -> Result<Staged, InstallError> {
         validate_name("service", &def.service)?;
         validate_name("release", &def.release)?;
@@ -1085,7 +1086,9 @@ pub fn unpack_tar_gz(
         .saturating_add(TRAILER_SLACK);
     let exceeded = Rc::new(Cell::new(false));
     let reader = Budget {
-        inner: GzDecoder::new(BufReader::new(file)),
+        // Multi-member: `cat a.gz b.gz` is a valid gzip file, and reading only
+        // the first member would silently drop the rest of the archive.
+        inner: MultiGzDecoder::new(BufReader::new(file)),
         remaining: budget,
         exceeded: Rc::clone(&exceeded),
     };
@@ -1543,4 +1546,1046 @@ fn check_symlink_target(target: &[u8], depth: usize) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+    use tar::{EntryType, Header};
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::release::{Artifact, Hooks, RestartPolicy, Supervision, Thresholds};
+
+    // ---- archive building -------------------------------------------------
+
+    /// Builds a tar.gz entry by entry, writing names and link targets straight
+    /// into the header so hostile paths (`..`, absolute) can be expressed.
+    struct Archive(tar::Builder<GzEncoder<Vec<u8>>>);
+
+    impl Archive {
+        fn new() -> Self {
+            Archive(tar::Builder::new(GzEncoder::new(
+                Vec::new(),
+                Compression::fast(),
+            )))
+        }
+
+        fn raw(mut self, name: &str, ty: EntryType, mode: u32, link: &str, data: &[u8]) -> Self {
+            let mut header = Header::new_gnu();
+            {
+                let old = header.as_old_mut();
+                assert!(
+                    name.len() < 100 && link.len() < 100,
+                    "test names fit the header"
+                );
+                old.name[..name.len()].copy_from_slice(name.as_bytes());
+                old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            }
+            header.set_entry_type(ty);
+            header.set_mode(mode);
+            header.set_size(data.len() as u64);
+            header.set_mtime(1_700_000_000);
+            header.set_cksum();
+            self.0.append(&header, data).expect("append entry");
+            self
+        }
+
+        fn file(self, name: &str, data: &[u8]) -> Self {
+            self.raw(name, EntryType::Regular, 0o644, "", data)
+        }
+
+        fn file_mode(self, name: &str, mode: u32, data: &[u8]) -> Self {
+            self.raw(name, EntryType::Regular, mode, "", data)
+        }
+
+        fn dir(self, name: &str) -> Self {
+            self.raw(name, EntryType::Directory, 0o755, "", b"")
+        }
+
+        fn symlink(self, name: &str, target: &str) -> Self {
+            self.raw(name, EntryType::Symlink, 0o777, target, b"")
+        }
+
+        fn hard_link(self, name: &str, target: &str) -> Self {
+            self.raw(name, EntryType::Link, 0o644, target, b"")
+        }
+
+        fn finish(self) -> Vec<u8> {
+            self.0
+                .into_inner()
+                .expect("finish tar")
+                .finish()
+                .expect("finish gzip")
+        }
+    }
+
+    fn good_archive() -> Vec<u8> {
+        Archive::new()
+            .dir("./")
+            .dir("./bin/")
+            .file_mode("./bin/app", 0o755, b"#!/bin/sh\necho hello\n")
+            .file("etc/config.toml", b"port = 8080\n")
+            .file("a/b/c/deep.txt", b"deep")
+            .dir("empty/")
+            .symlink("bin/config", "../etc/config.toml")
+            .symlink("current-config", "etc/./config.toml")
+            .hard_link("app-copy", "bin/app")
+            .finish()
+    }
+
+    // ---- fixture ----------------------------------------------------------
+
+    struct Fixture {
+        /// Keeps the temporary directory alive.
+        _tmp: TempDir,
+        /// The temporary directory; the data dir is `root/data`.
+        root: PathBuf,
+        layout: Layout,
+        source: Arc<MemorySource>,
+        installer: Installer,
+    }
+
+    fn fixture(limits: ArchiveLimits) -> Fixture {
+        let tmp = TempDir::new().expect("tempdir");
+        let root = tmp.path().to_path_buf();
+        let layout = Layout::new(root.join("data"));
+        let source = Arc::new(MemorySource::default());
+        let installer = Installer::new(layout.clone(), limits, source.clone());
+        Fixture {
+            _tmp: tmp,
+            root,
+            layout,
+            source,
+            installer,
+        }
+    }
+
+    fn def(release: &str, digest: Digest, size: u64) -> ServiceDefinition {
+        ServiceDefinition {
+            service: "web".to_owned(),
+            release: release.to_owned(),
+            artifact: Artifact {
+                digest,
+                size,
+                signature: None,
+            },
+            supervision: Supervision::Exec {
+                argv: vec!["bin/app".to_owned()],
+                restart: RestartPolicy::OnFailure,
+                stop_timeout: Duration::from_secs(1),
+            },
+            env: BTreeMap::new(),
+            hooks: Hooks::default(),
+            health_checks: Vec::new(),
+            thresholds: Thresholds::default(),
+            min_healthy_time: Duration::ZERO,
+            healthy_deadline: Duration::from_secs(10),
+            commit_deadline: Duration::from_secs(10),
+        }
+    }
+
+    impl Fixture {
+        async fn stage_bytes(&self, release: &str, data: Vec<u8>) -> Result<Staged, InstallError> {
+            let size = data.len() as u64;
+            let digest = self.source.insert(data);
+            self.installer.stage(&def(release, digest, size)).await
+        }
+
+        /// Every path under the temporary directory, relative to it.
+        fn tree(&self) -> BTreeSet<PathBuf> {
+            let mut out = BTreeSet::new();
+            let mut stack = vec![self.root.clone()];
+            while let Some(dir) = stack.pop() {
+                for entry in fs::read_dir(&dir).expect("read_dir") {
+                    let path = entry.expect("dir entry").path();
+                    if fs::symlink_metadata(&path).expect("stat").is_dir() {
+                        stack.push(path.clone());
+                    }
+                    out.insert(path.strip_prefix(&self.root).expect("prefix").to_path_buf());
+                }
+            }
+            out
+        }
+
+        fn releases_listing(&self) -> BTreeSet<String> {
+            list_dir(&self.layout.releases_dir("web"))
+                .expect("list releases")
+                .into_iter()
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect()
+        }
+    }
+
+    /// Stages `archive` as release `bad` next to a committed release `good`
+    /// and checks the refusal left everything as it was: no `bad` release, no
+    /// temporary directory, `good` and `current` intact, and nothing new
+    /// anywhere except the artifact cache.
+    async fn assert_refused(archive: Vec<u8>, limits: ArchiveLimits) -> InstallError {
+        let fx = fixture(limits);
+        fx.stage_bytes("good", good_archive())
+            .await
+            .expect("stage good");
+        fx.installer.switch_current("web", "good").expect("switch");
+        fs::create_dir(fx.root.join("outside")).expect("outside dir");
+        let before = fx.tree();
+
+        let err = fx
+            .stage_bytes("bad", archive)
+            .await
+            .expect_err("hostile archive must be refused");
+
+        let after = fx.tree();
+        let new: Vec<_> = after
+            .difference(&before)
+            .filter(|p| !p.starts_with("data/cache"))
+            .collect();
+        assert!(new.is_empty(), "refusal left new paths behind: {new:?}");
+        assert!(!fx.installer.is_staged("web", "bad"));
+        assert_eq!(
+            fx.releases_listing(),
+            BTreeSet::from(["good".to_owned(), ".good.digest".to_owned()])
+        );
+        assert_eq!(
+            fx.installer.read_current("web").expect("read current"),
+            Some("good".to_owned())
+        );
+        assert_eq!(
+            fs::read(fx.layout.release_dir("web", "good").join("bin/app")).expect("good intact"),
+            b"#!/bin/sh\necho hello\n"
+        );
+        err
+    }
+
+    fn expect_unsafe(err: InstallError, entry: &str, reason_contains: &str) {
+        match &err {
+            InstallError::Unsafe { entry: e, reason } => {
+                assert_eq!(e, entry, "wrong entry blamed: {err}");
+                assert!(
+                    reason.contains(reason_contains),
+                    "reason {reason:?} lacks {reason_contains:?}"
+                );
+            }
+            other => panic!("expected Unsafe for {entry:?}, got {other:?}"),
+        }
+    }
+
+    fn small_limits() -> ArchiveLimits {
+        ArchiveLimits {
+            max_artifact_bytes: 1 << 20,
+            max_unpacked_bytes: 1 << 20,
+            max_entries: 50,
+        }
+    }
+
+    // ---- staging ----------------------------------------------------------
+
+    #[tokio::test]
+    async fn good_archive_stages_files_dirs_links_and_hard_links() {
+        let fx = fixture(ArchiveLimits::default());
+        let staged = fx.stage_bytes("v1", good_archive()).await.expect("stage");
+        assert!(!staged.already_present);
+        let dir = fx.layout.release_dir("web", "v1");
+        assert_eq!(staged.path, dir);
+        assert!(fx.installer.is_staged("web", "v1"));
+
+        assert_eq!(
+            fs::read(dir.join("bin/app")).expect("app"),
+            b"#!/bin/sh\necho hello\n"
+        );
+        assert_eq!(
+            fs::metadata(dir.join("bin/app")).expect("app").mode() & 0o777,
+            0o755
+        );
+        assert_eq!(fs::read(dir.join("a/b/c/deep.txt")).expect("deep"), b"deep");
+        assert!(dir.join("empty").is_dir());
+        assert_eq!(
+            fs::read_link(dir.join("bin/config")).expect("link"),
+            Path::new("../etc/config.toml")
+        );
+        assert_eq!(
+            fs::read(dir.join("bin/config")).expect("through link"),
+            b"port = 8080\n"
+        );
+        assert_eq!(
+            fs::read(dir.join("current-config")).expect("through link"),
+            b"port = 8080\n"
+        );
+        let app = fs::metadata(dir.join("bin/app")).expect("app");
+        let copy = fs::metadata(dir.join("app-copy")).expect("hard link");
+        assert_eq!(app.ino(), copy.ino(), "hard link shares the inode");
+        assert_eq!(
+            fx.releases_listing(),
+            BTreeSet::from(["v1".to_owned(), ".v1.digest".to_owned()])
+        );
+    }
+
+    #[tokio::test]
+    async fn unpack_reports_what_it_wrote() {
+        let tmp = TempDir::new().expect("tempdir");
+        let archive = tmp.path().join("a.tar.gz");
+        fs::write(&archive, good_archive()).expect("write");
+        let dest = tmp.path().join("dest");
+        fs::create_dir(&dest).expect("dest");
+        let stats = unpack_tar_gz(&archive, &dest, &ArchiveLimits::default()).expect("unpack");
+        assert_eq!(stats.files, 4, "three files and one hard link");
+        assert_eq!(stats.bytes, 21 + 12 + 4);
+    }
+
+    #[tokio::test]
+    async fn staging_the_same_release_twice_fetches_once_and_reports_already_present() {
+        let fx = fixture(ArchiveLimits::default());
+        let data = good_archive();
+        let digest = fx.source.insert(data.clone());
+        let d = def("v1", digest, data.len() as u64);
+        assert!(!fx.installer.stage(&d).await.expect("first").already_present);
+        let again = fx.installer.stage(&d).await.expect("second");
+        assert!(again.already_present);
+        assert_eq!(again.path, fx.layout.release_dir("web", "v1"));
+        assert_eq!(fx.source.fetch_count(digest), 1);
+        assert_eq!(
+            fx.installer.staged_digest("web", "v1").expect("digest"),
+            Some(digest)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_release_from_the_cached_artifact_is_not_fetched_again() {
+        let fx = fixture(ArchiveLimits::default());
+        let data = good_archive();
+        let digest = fx.source.insert(data.clone());
+        fx.installer.stage(&def("v1", digest, 0)).await.expect("v1");
+        fx.installer.stage(&def("v2", digest, 0)).await.expect("v2");
+        assert_eq!(fx.source.fetch_count(digest), 1);
+        assert_eq!(
+            fx.installer.staged_releases("web").expect("list"),
+            vec!["v1".to_owned(), "v2".to_owned()]
+        );
+    }
+
+    #[tokio::test]
+    async fn reusing_a_release_id_with_another_digest_is_refused() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("v1", good_archive()).await.expect("v1");
+        let other = Archive::new().file("x", b"other").finish();
+        let err = fx.stage_bytes("v1", other).await.expect_err("conflict");
+        assert!(
+            matches!(err, InstallError::ReleaseConflict { .. }),
+            "got {err:?}"
+        );
+        assert!(
+            err.to_string().contains("publish a new release id"),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read(fx.layout.release_dir("web", "v1").join("bin/app")).expect("intact"),
+            b"#!/bin/sh\necho hello\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_release_directory_without_marker_is_not_taken_as_staged() {
+        let fx = fixture(ArchiveLimits::default());
+        fs::create_dir_all(fx.layout.release_dir("web", "v1")).expect("mkdir");
+        assert!(!fx.installer.is_staged("web", "v1"));
+        let err = fx
+            .stage_bytes("v1", good_archive())
+            .await
+            .expect_err("unmarked");
+        assert!(matches!(err, InstallError::Unmarked { .. }), "got {err:?}");
+    }
+
+    #[tokio::test]
+    async fn digest_mismatch_is_refused_and_leaves_releases_and_current_untouched() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("good", good_archive()).await.expect("good");
+        fx.installer.switch_current("web", "good").expect("switch");
+
+        let claimed = digest_of(b"what the release promised");
+        fx.source.insert_as(claimed, good_archive());
+        let err = fx
+            .installer
+            .stage(&def("bad", claimed, 0))
+            .await
+            .expect_err("mismatch");
+        match &err {
+            InstallError::DigestMismatch { expected, actual } => {
+                assert_eq!(*expected, claimed);
+                assert_eq!(*actual, digest_of(&good_archive()));
+            }
+            other => panic!("expected DigestMismatch, got {other:?}"),
+        }
+        assert!(err.to_string().contains("re-publish the release"), "{err}");
+        assert_eq!(
+            fx.releases_listing(),
+            BTreeSet::from(["good".to_owned(), ".good.digest".to_owned()])
+        );
+        let cache = list_dir(&fx.layout.cache_dir()).expect("cache");
+        assert!(
+            !cache
+                .iter()
+                .any(|n| n.to_string_lossy().starts_with(&claimed.hex())),
+            "nothing cached under the claimed digest: {cache:?}"
+        );
+        assert_eq!(
+            fx.installer.read_current("web").expect("current"),
+            Some("good".to_owned())
+        );
+    }
+
+    // ---- hostile archives -------------------------------------------------
+
+    #[tokio::test]
+    async fn absolute_path_is_refused() {
+        let target = std::env::temp_dir().join("rollout-installer-test-absolute-pwned");
+        let name = target.to_string_lossy().into_owned();
+        let err = assert_refused(
+            Archive::new().file(&name, b"pwned").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, &name, "absolute path");
+        assert!(!target.exists());
+    }
+
+    #[tokio::test]
+    async fn parent_dir_path_is_refused() {
+        // From releases/.bad.tmp, five `..` reach the temporary root.
+        let err = assert_refused(
+            Archive::new()
+                .file("ok.txt", b"fine")
+                .file("../../../../../outside/pwned", b"pwned")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(
+            err,
+            "../../../../../outside/pwned",
+            "path leaves the release directory",
+        );
+    }
+
+    #[tokio::test]
+    async fn dot_dot_in_the_middle_of_a_path_is_refused() {
+        let err = assert_refused(
+            Archive::new().file("a/../../x", b"pwned").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "a/../../x", "leaves the release directory");
+    }
+
+    #[tokio::test]
+    async fn symlink_with_absolute_target_is_refused() {
+        let err = assert_refused(
+            Archive::new().symlink("etc-link", "/etc").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "etc-link", "is absolute");
+    }
+
+    #[tokio::test]
+    async fn symlink_escaping_with_dot_dot_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .symlink("a/inside", "../b")
+                .symlink("a/escape", "../../outside")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "a/escape", "points outside the release");
+    }
+
+    #[tokio::test]
+    async fn symlink_with_dot_dot_after_a_name_is_refused() {
+        let err = assert_refused(
+            Archive::new().symlink("l", "sub/../../x").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "l", "`..` after a name");
+    }
+
+    #[tokio::test]
+    async fn writing_through_a_symlink_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .dir("sub/")
+                .symlink("link", "sub")
+                .file("link/x", b"through the link")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "link/x", "is a symlink");
+    }
+
+    #[tokio::test]
+    async fn a_file_replacing_an_earlier_symlink_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .symlink("config", "data")
+                .file("config", b"replaced")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "config", "duplicate entry");
+    }
+
+    #[tokio::test]
+    async fn hard_link_to_an_absolute_path_is_refused() {
+        let err = assert_refused(
+            Archive::new().hard_link("passwd", "/etc/passwd").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "passwd", "absolute path");
+    }
+
+    #[tokio::test]
+    async fn hard_link_leaving_the_release_is_refused() {
+        let err = assert_refused(
+            Archive::new().hard_link("x", "../outside").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "x", "leaves the release directory");
+    }
+
+    #[tokio::test]
+    async fn hard_link_to_a_symlink_or_missing_file_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .symlink("s", "t")
+                .hard_link("h", "s")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "h", "not a regular file");
+        let err = assert_refused(
+            Archive::new().hard_link("h", "missing").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "h", "not a regular file");
+    }
+
+    #[tokio::test]
+    async fn character_device_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .raw("dev/null", EntryType::Char, 0o666, "", b"")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "dev/null", "device files");
+    }
+
+    #[tokio::test]
+    async fn block_device_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .raw("sda", EntryType::Block, 0o660, "", b"")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "sda", "device files");
+    }
+
+    #[tokio::test]
+    async fn fifo_is_refused() {
+        let err = assert_refused(
+            Archive::new()
+                .raw("pipe", EntryType::Fifo, 0o644, "", b"")
+                .finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "pipe", "fifos");
+    }
+
+    #[tokio::test]
+    async fn setuid_and_setgid_files_are_refused() {
+        let err = assert_refused(
+            Archive::new().file_mode("bin/su", 0o4755, b"x").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "bin/su", "setuid/setgid");
+        let err = assert_refused(
+            Archive::new().file_mode("bin/sg", 0o2755, b"x").finish(),
+            ArchiveLimits::default(),
+        )
+        .await;
+        expect_unsafe(err, "bin/sg", "setuid/setgid");
+    }
+
+    #[tokio::test]
+    async fn too_many_entries_are_refused() {
+        let mut archive = Archive::new();
+        for i in 0..60 {
+            archive = archive.file(&format!("f{i}"), b"x");
+        }
+        let err = assert_refused(archive.finish(), small_limits()).await;
+        expect_unsafe(err, "f50", "more than 50 entries");
+    }
+
+    #[tokio::test]
+    async fn decompression_bomb_is_refused() {
+        let zeros = vec![0u8; 10 << 20];
+        let archive = Archive::new().file("bomb", &zeros).finish();
+        assert!(archive.len() < 1 << 20, "the bomb compresses well");
+        let err = assert_refused(archive, small_limits()).await;
+        expect_unsafe(err, "bomb", "unpacks to more than 1048576 bytes");
+    }
+
+    #[test]
+    fn decompression_bomb_stops_at_the_limit_not_after() {
+        let tmp = TempDir::new().expect("tempdir");
+        let archive = tmp.path().join("bomb.tar.gz");
+        fs::write(
+            &archive,
+            Archive::new().file("bomb", &vec![0u8; 10 << 20]).finish(),
+        )
+        .expect("write");
+        let dest = tmp.path().join("dest");
+        fs::create_dir(&dest).expect("dest");
+        let err = unpack_tar_gz(&archive, &dest, &small_limits()).expect_err("bomb");
+        expect_unsafe(err, "bomb", "unpacks to more than");
+        let written = fs::metadata(dest.join("bomb")).expect("partial").len();
+        assert!(written <= 1 << 20, "wrote {written} bytes past the limit");
+    }
+
+    #[tokio::test]
+    async fn data_hidden_in_directory_entries_counts_against_the_limit() {
+        // tar skips a directory's body, but it still has to be decompressed.
+        let err = assert_refused(
+            Archive::new()
+                .raw("d/", EntryType::Directory, 0o755, "", &vec![0u8; 10 << 20])
+                .finish(),
+            ArchiveLimits {
+                max_entries: 10,
+                ..small_limits()
+            },
+        )
+        .await;
+        expect_unsafe(err, "d/", "decompresses to more than");
+    }
+
+    #[tokio::test]
+    async fn truncated_gzip_is_corrupt() {
+        let mut data = Archive::new()
+            .file(
+                "a",
+                &(0..200_000u32)
+                    .map(|i| (i * 7 % 251) as u8)
+                    .collect::<Vec<_>>(),
+            )
+            .file("b", b"b")
+            .finish();
+        data.truncate(data.len() / 2);
+        let err = assert_refused(data, ArchiveLimits::default()).await;
+        assert!(matches!(err, InstallError::Corrupt { .. }), "got {err:?}");
+        assert!(err.to_string().contains("not a valid tar.gz"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_archive_split_over_two_gzip_members_unpacks_completely() {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in [("first", &b"1"[..]), ("second", &b"2"[..])] {
+            let mut header = Header::new_gnu();
+            header.set_path(name).expect("path");
+            header.set_size(1);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append(&header, data).expect("append");
+        }
+        let plain = builder.into_inner().expect("finish");
+        let gz = |part: &[u8]| {
+            let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+            enc.write_all(part).expect("compress");
+            enc.finish().expect("finish")
+        };
+        let mut data = gz(&plain[..1024]);
+        data.extend(gz(&plain[1024..]));
+        let fx = fixture(ArchiveLimits::default());
+        let staged = fx.stage_bytes("v1", data).await.expect("stage");
+        assert_eq!(fs::read(staged.path.join("second")).expect("second"), b"2");
+    }
+
+    #[tokio::test]
+    async fn missing_gzip_trailer_is_corrupt() {
+        let mut data = good_archive();
+        data.truncate(data.len() - 4);
+        let err = assert_refused(data, ArchiveLimits::default()).await;
+        assert!(matches!(err, InstallError::Corrupt { .. }), "got {err:?}");
+    }
+
+    #[tokio::test]
+    async fn garbage_bytes_are_corrupt() {
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 256) as u8).collect();
+        let err = assert_refused(garbage, ArchiveLimits::default()).await;
+        assert!(matches!(err, InstallError::Corrupt { .. }), "got {err:?}");
+    }
+
+    #[tokio::test]
+    async fn plain_tar_without_gzip_is_corrupt() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = Header::new_gnu();
+        header.set_path("a").expect("path");
+        header.set_size(1);
+        header.set_cksum();
+        builder.append(&header, &b"a"[..]).expect("append");
+        let plain = builder.into_inner().expect("finish");
+        let err = assert_refused(plain, ArchiveLimits::default()).await;
+        assert!(matches!(err, InstallError::Corrupt { .. }), "got {err:?}");
+    }
+
+    // ---- artifacts --------------------------------------------------------
+
+    #[tokio::test]
+    async fn announced_size_over_the_limit_is_refused_without_fetching() {
+        let fx = fixture(small_limits());
+        let digest = fx.source.insert(vec![1u8; 100]);
+        let err = fx
+            .installer
+            .ensure_artifact(digest, (1 << 20) + 1)
+            .await
+            .expect_err("too large");
+        assert!(matches!(err, InstallError::TooLarge { .. }), "got {err:?}");
+        assert!(err.to_string().contains("max_artifact_bytes"), "{err}");
+        assert_eq!(fx.source.fetch_count(digest), 0);
+    }
+
+    #[tokio::test]
+    async fn stream_longer_than_the_limit_is_refused_and_discarded() {
+        let fx = fixture(small_limits());
+        let digest = fx.source.insert(vec![1u8; 3 << 20]);
+        let err = fx
+            .installer
+            .ensure_artifact(digest, 0)
+            .await
+            .expect_err("too large");
+        match err {
+            InstallError::TooLarge { size, limit, .. } => {
+                assert_eq!(limit, 1 << 20);
+                assert!(size > limit && size <= limit + MEMORY_CHUNK as u64);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(list_dir(&fx.layout.cache_dir()).expect("cache").is_empty());
+    }
+
+    #[tokio::test]
+    async fn stream_longer_than_announced_is_refused() {
+        let fx = fixture(ArchiveLimits::default());
+        let digest = fx.source.insert(vec![1u8; 100_000]);
+        let err = fx
+            .installer
+            .ensure_artifact(digest, 1_000)
+            .await
+            .expect_err("longer than announced");
+        assert!(
+            matches!(
+                err,
+                InstallError::LargerThanAnnounced {
+                    announced: 1_000,
+                    ..
+                }
+            ),
+            "got {err:?}"
+        );
+        assert!(list_dir(&fx.layout.cache_dir()).expect("cache").is_empty());
+    }
+
+    #[tokio::test]
+    async fn interrupted_download_resumes_from_the_part_file() {
+        let fx = fixture(ArchiveLimits::default());
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let digest = fx.source.insert(data.clone());
+        fx.source.interrupt_once_after(digest, 20_000);
+
+        let err = fx
+            .installer
+            .ensure_artifact(digest, data.len() as u64)
+            .await
+            .expect_err("interrupted");
+        assert!(matches!(err, InstallError::Fetch { .. }), "got {err:?}");
+        let part = fx.layout.cache_dir().join(format!("{}.part", digest.hex()));
+        assert_eq!(fs::metadata(&part).expect("part kept").len(), 20_000);
+
+        let path = fx
+            .installer
+            .ensure_artifact(digest, data.len() as u64)
+            .await
+            .expect("resumed");
+        assert_eq!(fx.source.fetch_offsets(digest), vec![0, 20_000]);
+        assert_eq!(fs::read(&path).expect("artifact"), data);
+        assert!(!part.exists());
+        assert_eq!(sha256_file(&path).expect("hash"), digest);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_part_file_is_discarded_after_the_digest_check() {
+        let fx = fixture(ArchiveLimits::default());
+        let data = vec![7u8; 50_000];
+        let digest = fx.source.insert(data.clone());
+        fs::create_dir_all(fx.layout.cache_dir()).expect("cache");
+        let part = fx.layout.cache_dir().join(format!("{}.part", digest.hex()));
+        fs::write(&part, vec![9u8; 10_000]).expect("bad part");
+
+        let err = fx
+            .installer
+            .ensure_artifact(digest, 0)
+            .await
+            .expect_err("mismatch");
+        assert!(
+            matches!(err, InstallError::DigestMismatch { .. }),
+            "got {err:?}"
+        );
+        assert!(!part.exists());
+        let path = fx
+            .installer
+            .ensure_artifact(digest, 0)
+            .await
+            .expect("refetch");
+        assert_eq!(fs::read(path).expect("artifact"), data);
+        assert_eq!(fx.source.fetch_offsets(digest), vec![10_000, 0]);
+    }
+
+    #[tokio::test]
+    async fn cached_artifact_is_reused_and_a_corrupted_one_refetched() {
+        let fx = fixture(ArchiveLimits::default());
+        let data = vec![3u8; 40_000];
+        let digest = fx.source.insert(data.clone());
+        let path = fx
+            .installer
+            .ensure_artifact(digest, 0)
+            .await
+            .expect("fetch");
+        fx.installer
+            .ensure_artifact(digest, 0)
+            .await
+            .expect("cached");
+        assert_eq!(fx.source.fetch_count(digest), 1);
+
+        fs::write(&path, b"bit rot").expect("corrupt the cache");
+        let again = fx
+            .installer
+            .ensure_artifact(digest, 0)
+            .await
+            .expect("refetch");
+        assert_eq!(fx.source.fetch_count(digest), 2);
+        assert_eq!(fs::read(again).expect("artifact"), data);
+    }
+
+    #[tokio::test]
+    async fn unknown_artifact_is_a_fetch_error() {
+        let fx = fixture(ArchiveLimits::default());
+        let err = fx
+            .installer
+            .ensure_artifact(digest_of(b"nobody has this"), 0)
+            .await
+            .expect_err("not found");
+        assert!(
+            matches!(
+                err,
+                InstallError::Fetch {
+                    source: FetchError::NotFound(_),
+                    ..
+                }
+            ),
+            "got {err:?}"
+        );
+    }
+
+    // ---- current ----------------------------------------------------------
+
+    fn temp_links(fx: &Fixture) -> Vec<String> {
+        list_dir(&fx.layout.service_dir("web"))
+            .expect("service dir")
+            .into_iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".current"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn switch_current_replaces_the_link_and_leaves_no_temp_link() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("v1", good_archive()).await.expect("v1");
+        let v2 = Archive::new().file("bin/app", b"v2").finish();
+        fx.stage_bytes("v2", v2).await.expect("v2");
+        assert_eq!(fx.installer.read_current("web").expect("none"), None);
+
+        fx.installer.switch_current("web", "v1").expect("switch v1");
+        assert_eq!(
+            fx.installer.read_current("web").expect("current"),
+            Some("v1".to_owned())
+        );
+        fx.installer.switch_current("web", "v2").expect("switch v2");
+        let current = fx.layout.current_link("web");
+        assert_eq!(
+            fs::read_link(&current).expect("link"),
+            Path::new("releases/v2")
+        );
+        assert_eq!(
+            fs::read(current.join("bin/app")).expect("through current"),
+            b"v2"
+        );
+        assert_eq!(
+            fx.installer.read_current("web").expect("current"),
+            Some("v2".to_owned())
+        );
+        assert!(temp_links(&fx).is_empty(), "left {:?}", temp_links(&fx));
+    }
+
+    #[tokio::test]
+    async fn switching_to_an_unstaged_release_is_refused() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("v1", good_archive()).await.expect("v1");
+        fx.installer.switch_current("web", "v1").expect("switch");
+        let err = fx
+            .installer
+            .switch_current("web", "v9")
+            .expect_err("not staged");
+        assert!(matches!(err, InstallError::NotStaged { .. }), "got {err:?}");
+        assert_eq!(
+            fx.installer.read_current("web").expect("current"),
+            Some("v1".to_owned())
+        );
+        assert!(fx.installer.switch_current("web", "../v1").is_err());
+    }
+
+    #[tokio::test]
+    async fn clear_current_is_idempotent() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("v1", good_archive()).await.expect("v1");
+        fx.installer.switch_current("web", "v1").expect("switch");
+        fx.installer.clear_current("web").expect("clear");
+        assert_eq!(fx.installer.read_current("web").expect("read"), None);
+        fx.installer.clear_current("web").expect("clear again");
+        assert!(fx.installer.is_staged("web", "v1"), "release kept");
+    }
+
+    // ---- retention and cleanup --------------------------------------------
+
+    #[tokio::test]
+    async fn remove_release_deletes_it_keeps_the_cache_and_refuses_current() {
+        let fx = fixture(ArchiveLimits::default());
+        let data = good_archive();
+        let digest = fx.source.insert(data);
+        fx.installer.stage(&def("v1", digest, 0)).await.expect("v1");
+        fx.installer.stage(&def("v2", digest, 0)).await.expect("v2");
+        fx.installer.switch_current("web", "v2").expect("switch");
+
+        let err = fx
+            .installer
+            .remove_release("web", "v2")
+            .expect_err("current");
+        assert!(matches!(err, InstallError::InUse { .. }), "got {err:?}");
+
+        fx.installer.remove_release("web", "v1").expect("remove");
+        fx.installer
+            .remove_release("web", "v1")
+            .expect("idempotent");
+        assert!(!fx.installer.is_staged("web", "v1"));
+        assert_eq!(
+            fx.releases_listing(),
+            BTreeSet::from(["v2".to_owned(), ".v2.digest".to_owned()])
+        );
+        assert!(fx.layout.cached_artifact(&digest.hex()).is_file());
+        // Staging it again unpacks from the cache.
+        fx.installer
+            .stage(&def("v1", digest, 0))
+            .await
+            .expect("restage");
+        assert_eq!(fx.source.fetch_count(digest), 1);
+    }
+
+    #[tokio::test]
+    async fn clean_partial_removes_leftovers_and_keeps_releases_and_downloads() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("v1", good_archive()).await.expect("v1");
+        fx.installer.switch_current("web", "v1").expect("switch");
+        let releases = fx.layout.releases_dir("web");
+        fs::create_dir_all(releases.join(".v2.tmp/bin")).expect("tmp dir");
+        fs::write(releases.join(".v2.tmp/bin/app"), b"half").expect("tmp file");
+        fs::write(releases.join(".v3.digest.tmp"), b"sha256:").expect("marker tmp");
+        fs::write(releases.join(".v4.digest"), b"orphan").expect("orphan marker");
+        std::os::unix::fs::symlink(
+            "releases/v1",
+            fx.layout.service_dir("web").join(".current.tmp.1.2"),
+        )
+        .expect("temp link");
+        let part = fx
+            .layout
+            .cache_dir()
+            .join(format!("{}.part", "ab".repeat(32)));
+        fs::write(&part, b"resume me").expect("part");
+
+        fx.installer.clean_partial("web").expect("clean");
+
+        assert_eq!(
+            fx.releases_listing(),
+            BTreeSet::from(["v1".to_owned(), ".v1.digest".to_owned()])
+        );
+        assert!(temp_links(&fx).is_empty());
+        assert!(part.exists(), "partial downloads are kept for resuming");
+        assert_eq!(
+            fx.installer.read_current("web").expect("current"),
+            Some("v1".to_owned())
+        );
+        fx.installer
+            .clean_partial("nothing-here")
+            .expect("no service dir");
+    }
+
+    #[tokio::test]
+    async fn a_release_named_like_a_temp_dir_survives_cleanup() {
+        let fx = fixture(ArchiveLimits::default());
+        fx.stage_bytes("v1.tmp", good_archive())
+            .await
+            .expect("stage");
+        fx.installer.clean_partial("web").expect("clean");
+        assert!(fx.installer.is_staged("web", "v1.tmp"));
+    }
+
+    #[test]
+    fn symlink_targets_are_checked_against_the_link_depth() {
+        assert!(check_symlink_target(b"x", 0).is_ok());
+        assert!(check_symlink_target(b"./x/y", 0).is_ok());
+        assert!(check_symlink_target(b"..", 1).is_ok());
+        assert!(check_symlink_target(b"../../a/b", 2).is_ok());
+        assert!(check_symlink_target(b"..", 0).is_err());
+        assert!(check_symlink_target(b"../../a", 1).is_err());
+        assert!(check_symlink_target(b"a/../b", 3).is_err());
+        assert!(check_symlink_target(b"/abs", 3).is_err());
+        assert!(check_symlink_target(b"", 3).is_err());
+    }
+
+    #[test]
+    fn error_messages_name_the_cause_and_the_fix() {
+        let err = unsafe_entry("../../etc/passwd", LEAVES);
+        assert_eq!(
+            err.to_string(),
+            "archive entry \"../../etc/passwd\" is unsafe: path leaves the release directory; \
+             rebuild the artifact with relative paths inside the release"
+        );
+        let full = io_err("write x", io::Error::from(io::ErrorKind::StorageFull));
+        assert!(matches!(full, InstallError::NoSpace { .. }));
+        assert!(full.to_string().contains("free disk space"), "{full}");
+    }
 }

@@ -1,0 +1,366 @@
+//! The agent's link to the coordinator: one outbound, long-lived
+//! `AgentService.Connect` stream (hosts need no inbound port), reconnected with
+//! exponential backoff and jitter. Commands arrive on it; results, progress and
+//! reports go back, tagged by command id. Artifacts are fetched over the same
+//! HTTP/2 connection ([`GrpcSource`]).
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use rand::Rng;
+use rollout_proto::pb;
+use rollout_proto::pb::agent_service_client::AgentServiceClient;
+use rollout_proto::pb::coordinator_message::Cmd;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::{debug, info, warn};
+
+use crate::config::CoordinatorConfig;
+use crate::host_stats::HostStats;
+use crate::release::{Digest, ServiceDefinition};
+use crate::report::{failure_to_pb, full_report, service_report};
+use crate::update::executor::{Engine, EngineError, FailureKind};
+use crate::update::installer::{ArtifactSource, FetchError};
+
+/// A session failure (the session reconnects after it).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// TLS files cannot be read.
+    #[error("read {what} {path}: {source}; check the agent config's [coordinator] section")]
+    TlsFile {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The endpoint is malformed or TLS setup failed.
+    #[error("coordinator endpoint {url}: {message}")]
+    Endpoint {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Artifacts from the coordinator's `FetchArtifact` stream, over the session's
+/// channel.
+#[derive(Debug, Default)]
+pub struct GrpcSource {
+    channel: RwLock<Option<Channel>>,
+}
+
+impl GrpcSource {
+    fn set(&self, ch: Option<Channel>) {
+        if let Ok(mut c) = self.channel.write() {
+            *c = ch;
+        }
+    }
+}
+
+impl ArtifactSource for GrpcSource {
+    fn fetch(&self, digest: Digest, offset: u64) -> BoxStream<'static, Result<Bytes, FetchError>> {
+        let channel = self.channel.read().ok().and_then(|c| c.clone());
+        Box::pin(async_stream::stream! {
+            let Some(channel) = channel else {
+                yield Err(FetchError::Unavailable("not connected to the coordinator".into()));
+                return;
+            };
+            let mut client = AgentServiceClient::new(channel)
+                .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES);
+            let req = pb::FetchArtifactRequest { digest: digest.to_string(), offset };
+            let mut stream = match client.fetch_artifact(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    yield Err(FetchError::NotFound(s.message().to_string()));
+                    return;
+                }
+                Err(s) => {
+                    yield Err(FetchError::Unavailable(s.message().to_string()));
+                    return;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(chunk)) => yield Ok(Bytes::from(chunk.data)),
+                    Ok(None) => return,
+                    Err(s) => {
+                        yield Err(FetchError::Unavailable(s.message().to_string()));
+                        return;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// What the session needs.
+pub struct Session {
+    /// Where and how to connect.
+    pub config: CoordinatorConfig,
+    /// This host's name.
+    pub host: String,
+    /// This host's labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Time between full reports.
+    pub report_interval: Duration,
+    /// The engine commands go to.
+    pub engine: Arc<Engine>,
+    /// Host figures for reports.
+    pub stats: Arc<Mutex<dyn HostStats>>,
+    /// Data directory (disk free in reports).
+    pub data_dir: std::path::PathBuf,
+    /// Shared with the installer.
+    pub source: Arc<GrpcSource>,
+    /// `true` while a stream is up.
+    pub connected: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("host", &self.host)
+            .field("url", &self.config.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the channel to the coordinator (lazily connected).
+pub fn endpoint(config: &CoordinatorConfig) -> Result<Channel, SessionError> {
+    let ep_err = |message: String| SessionError::Endpoint {
+        url: config.url.clone(),
+        message,
+    };
+    let mut ep = Endpoint::from_shared(config.url.clone())
+        .map_err(|e| ep_err(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = &config.tls {
+        let read = |what: &'static str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| SessionError::TlsFile {
+                what,
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let ca = read("CA certificate", &tls.ca)?;
+        let cert = read("agent certificate", &tls.cert)?;
+        let key = read("agent key", &tls.key)?;
+        ep = ep
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(cert, key)),
+            )
+            .map_err(|e| ep_err(e.to_string()))?;
+    }
+    Ok(ep.connect_lazy())
+}
+
+impl Session {
+    /// Connects, serves, and reconnects with backoff until `cancel`.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = self.config.reconnect_min;
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.serve_once(&cancel).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.source.set(None);
+                    let _ = self.connected.send(false);
+                    warn!(url = %self.config.url, error = %e, "coordinator session ended");
+                }
+            }
+            // A session that lived a while resets the backoff.
+            if started.elapsed() > self.config.reconnect_max {
+                backoff = self.config.reconnect_min;
+            }
+            let jitter = rand::rng().random_range(0.5..1.0);
+            let wait = backoff.mul_f64(jitter);
+            debug!(?wait, "reconnecting after backoff");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = cancel.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(self.config.reconnect_max);
+        }
+    }
+
+    fn report(&self) -> pb::Report {
+        full_report(
+            &self.engine.views(),
+            self.engine.store().as_ref(),
+            self.stats.as_ref(),
+            &self.data_dir,
+        )
+    }
+
+    /// One session; `Ok` only when cancelled.
+    async fn serve_once(&self, cancel: &CancellationToken) -> Result<(), String> {
+        let channel = endpoint(&self.config).map_err(|e| e.to_string())?;
+        let mut client = AgentServiceClient::new(channel.clone())
+            .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                host: self.host.clone(),
+                labels: self.labels.clone().into_iter().collect(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                report: Some(self.report()),
+            })),
+        };
+        tx.send(hello).await.map_err(|e| e.to_string())?;
+        let mut inbound = client
+            .connect(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("connect: {}", s.message()))?
+            .into_inner();
+        self.source.set(Some(channel));
+        let _ = self.connected.send(true);
+        info!(url = %self.config.url, host = %self.host, "connected to the coordinator");
+        let mut changes = self.engine.subscribe();
+        let mut tick = tokio::time::interval(self.report_interval);
+        tick.tick().await;
+        let commands = tokio_util::task::TaskTracker::new();
+        let result = loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => {
+                        let engine = self.engine.clone();
+                        let tx = tx.clone();
+                        commands.spawn(async move { handle(engine, m, tx).await });
+                    }
+                    Ok(None) => break Err("the coordinator closed the stream".to_string()),
+                    Err(s) => break Err(format!("stream error: {}", s.message())),
+                },
+                changed = changes.recv() => {
+                    let services = match changed {
+                        Ok(svc) => self.engine.view(&svc).into_iter().collect::<Vec<_>>(),
+                        Err(_) => self.engine.views(),
+                    };
+                    let mut report = self.report();
+                    let names: Vec<_> = services.iter().map(|v| v.record.service.clone()).collect();
+                    report.services.retain(|s| names.contains(&s.service));
+                    let m = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Report(report)) };
+                    if tx.send(m).await.is_err() { break Err("outbound closed".into()); }
+                }
+                _ = tick.tick() => {
+                    let m = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Report(self.report())) };
+                    if tx.send(m).await.is_err() { break Err("outbound closed".into()); }
+                }
+                () = cancel.cancelled() => break Ok(()),
+            }
+        };
+        // Commands in flight finish (their results are lost if the stream is
+        // gone; the coordinator reconciles from the next hello's report).
+        commands.close();
+        result
+    }
+}
+
+fn result_msg(
+    id: &str,
+    r: Result<Option<pb::ServiceReport>, (FailureKind, String)>,
+) -> pb::AgentMessage {
+    let result = match r {
+        Ok(service) => pb::CommandResult {
+            command_id: id.to_string(),
+            ok: true,
+            failure: pb::FailureKind::Unspecified as i32,
+            error: String::new(),
+            service,
+        },
+        Err((kind, error)) => pb::CommandResult {
+            command_id: id.to_string(),
+            ok: false,
+            failure: failure_to_pb(kind) as i32,
+            error,
+            service: None,
+        },
+    };
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Result(result)),
+    }
+}
+
+fn engine_err(e: EngineError) -> (FailureKind, String) {
+    (e.kind(), e.to_string())
+}
+
+/// Executes one coordinator command and sends its result.
+async fn handle(
+    engine: Arc<Engine>,
+    m: pb::CoordinatorMessage,
+    tx: mpsc::Sender<pb::AgentMessage>,
+) {
+    let id = m.command_id.clone();
+    let report_of = |svc: &str| {
+        engine
+            .view(svc)
+            .map(|v| service_report(&v, engine.store().as_ref()))
+    };
+    let r = match m.cmd {
+        Some(Cmd::Ping(_)) => Ok(None),
+        Some(Cmd::Stage(s)) => match s.definition.map(ServiceDefinition::try_from) {
+            None => Err((
+                FailureKind::Invalid,
+                "stage without a definition".to_string(),
+            )),
+            Some(Err(e)) => Err((FailureKind::Invalid, e.to_string())),
+            Some(Ok(def)) => {
+                let svc = def.service.clone();
+                engine
+                    .stage(def)
+                    .await
+                    .map(|_| report_of(&svc))
+                    .map_err(engine_err)
+            }
+        },
+        Some(Cmd::Activate(a)) => {
+            let progress = pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Progress(pb::CommandProgress {
+                    command_id: id.clone(),
+                    service: a.service.clone(),
+                    step: "activating".into(),
+                })),
+            };
+            let _ = tx.send(progress).await;
+            engine
+                .activate(&a.service, &a.release, &a.cause, &id)
+                .await
+                .map(|v| Some(service_report(&v, engine.store().as_ref())))
+                .map_err(engine_err)
+        }
+        Some(Cmd::Commit(c)) => engine
+            .commit(&c.service, &c.release)
+            .await
+            .map(|v| Some(service_report(&v, engine.store().as_ref())))
+            .map_err(engine_err),
+        Some(Cmd::Rollback(r)) => {
+            let to = (!r.to_release.is_empty()).then_some(r.to_release.as_str());
+            let reason = if r.reason.is_empty() {
+                "requested by the coordinator"
+            } else {
+                r.reason.as_str()
+            };
+            engine
+                .rollback(&r.service, to, reason, "coordinator")
+                .await
+                .map(|v| Some(service_report(&v, engine.store().as_ref())))
+                .map_err(engine_err)
+        }
+        None => Err((FailureKind::Invalid, "empty command".to_string())),
+    };
+    if let Err((_, e)) = &r {
+        warn!(command = %id, error = %e, "command failed");
+    }
+    let _ = tx.send(result_msg(&id, r)).await;
+}
