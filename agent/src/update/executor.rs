@@ -678,7 +678,8 @@ impl Worker {
                         continue;
                     }
                     self.publish();
-                    let verdict = self.monitor.as_ref().map(|m| m.rx.borrow().verdict.clone());
+                    // Mark the change seen, or the next clone wakes at once (a busy loop).
+                    let verdict = self.monitor.as_mut().map(|m| m.rx.borrow_and_update().verdict.clone());
                     if let (true, Some(Verdict::Unhealthy(reason))) = (in_probation, verdict) {
                         warn!(service = %self.service(), reason = %reason, "unhealthy in probation; rolling back");
                         busy.set(&format!("automatic rollback of {}", self.service()));
@@ -940,6 +941,10 @@ impl Worker {
     /// Rolls back a failed activation and builds the error to return.
     async fn fail_activation(&mut self, release: &str, e: StepError) -> EngineError {
         let service = self.service().to_string();
+        if self.cancel.is_cancelled() {
+            // Not a verdict: the journal stays put and recovery rolls back.
+            return EngineError::ShuttingDown;
+        }
         warn!(service = %service, release, reason = %e.reason, "activation failed; rolling back");
         let event = if self.record.phase == Phase::Verifying {
             Event::Unhealthy
@@ -1095,8 +1100,8 @@ impl Worker {
         let doomed: Vec<String> = releases
             .iter()
             .map(|r| r.release().to_string())
-            .filter(|r| !protected.contains(r))
             .take(excess)
+            .filter(|r| !protected.contains(r))
             .collect();
         if doomed.is_empty() {
             return;
@@ -1123,9 +1128,14 @@ impl Worker {
     // ---- rollback ----
 
     /// The default rollback target: the last known good release unless it is
-    /// what runs now, else the one committed before it.
+    /// the release being left, else the one committed before it.
     fn default_target(&self) -> Option<String> {
-        let cur = self.record.current.as_deref();
+        // The release being left: an activation's target even before the
+        // switch (when `current` still names the last known good).
+        let cur = match &self.record.op {
+            Some(op) if op.kind == OpKind::Activate => op.to.as_deref(),
+            _ => self.record.current.as_deref(),
+        };
         match self.record.last_known_good.as_deref() {
             Some(lkg) if Some(lkg) != cur => Some(lkg.to_string()),
             _ => self.record.previous.clone(),
@@ -1284,6 +1294,10 @@ impl Worker {
         if let Some(def) = &target_def {
             self.start_monitor(def);
             if let Err(why) = self.wait_healthy(def).await {
+                if self.cancel.is_cancelled() {
+                    // Left journaled; recovery finishes the rollback.
+                    return Err(EngineError::ShuttingDown);
+                }
                 return self.rollback_failed(&target_name, why, &cause);
             }
         }

@@ -1158,6 +1158,7 @@ async fn recovery_from_every_journal_point_returns_to_v1() {
     assert_eq!(points.len(), 6 * 2 + 1 + 4 * 2);
     for (phase, done, current, link) in points {
         let case = format!("{phase} done={done}");
+        eprintln!("recovering from {case}");
         let mut host = Host::new(StoreKind::Memory);
         let v1 = host.def("v1");
         let v2 = host.def("v2");
