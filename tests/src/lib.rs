@@ -396,13 +396,13 @@ impl Agent {
             let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            if let Ok(cwd) = std::fs::read_link(p.path().join("cwd")) {
-                if cwd.starts_with(&root) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+            if let Ok(cwd) = std::fs::read_link(p.path().join("cwd"))
+                && cwd.starts_with(&root)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }

@@ -226,15 +226,15 @@ pub fn spawn_monitor(
         let mut next_sample = start;
         loop {
             let now = Instant::now();
-            for idx in 0..due.len() {
-                if due[idx] <= now {
+            for (idx, due_at) in due.iter_mut().enumerate() {
+                if *due_at <= now {
                     let check = tracker.checks()[idx].clone();
                     let outcome = tokio::select! {
                         o = probe.probe(&check, &ctx) => o,
                         () = cancel.cancelled() => return,
                     };
                     tracker.record(idx, &outcome);
-                    due[idx] = Instant::now() + check.interval;
+                    *due_at = Instant::now() + check.interval;
                 }
             }
             if next_sample <= Instant::now() {

@@ -92,8 +92,8 @@ pub enum EngineError {
         service: String,
         /// Release id.
         release: String,
-        /// The installer's error.
-        source: InstallError,
+        /// The installer's error (boxed: it is large and rare).
+        source: Box<InstallError>,
     },
     /// The activation failed and the host rolled back.
     #[error("activation of {release} on service {service} failed ({reason}); {outcome}")]
@@ -409,7 +409,7 @@ impl Engine {
                 .map_err(|source| EngineError::Stage {
                     service: service.clone(),
                     release: def.release.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         let release = def.release.clone();
         self.deps.store.commit(Write {
@@ -1430,7 +1430,7 @@ impl Worker {
                     .map_err(|source| EngineError::Stage {
                         service: service.clone(),
                         release: current.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             }
         }
