@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/rollout/v1/release.proto",
     "proto/rollout/v1/agent.proto",
     "proto/rollout/v1/admin.proto",
+    "proto/rollout/v1/control.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

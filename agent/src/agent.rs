@@ -79,6 +79,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         config: EngineConfig {
             retain_releases: config.retain_releases,
             crash_at: config.crash_at.clone(),
+            host_env: config.env.clone(),
         },
     })?;
     let (connected_tx, connected_rx) = watch::channel(false);

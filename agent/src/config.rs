@@ -59,6 +59,8 @@ struct RawConfig {
     admin_socket: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
     retain_releases: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     report_interval: Option<Duration>,
@@ -131,6 +133,9 @@ pub struct AgentConfig {
     pub host: String,
     /// Labels the coordinator selects hosts by.
     pub labels: BTreeMap<String, String>,
+    /// Host-level environment: defaults for every service, and what `${NAME}`
+    /// expands to in commands and health checks.
+    pub env: BTreeMap<String, String>,
     /// Root of releases, cache and state.
     pub data_dir: PathBuf,
     /// Local admin socket (mode 0600).
@@ -275,6 +280,7 @@ impl AgentConfig {
         Ok(AgentConfig {
             host,
             labels: raw.labels,
+            env: raw.env,
             data_dir,
             admin_socket,
             retain_releases,

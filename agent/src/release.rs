@@ -459,9 +459,89 @@ impl TryFrom<pb::ServiceDefinition> for ServiceDefinition {
     }
 }
 
+/// Replaces `${NAME}` with `env[NAME]`; unknown names are left as written.
+pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                let name = &after[..end];
+                match env.get(name) {
+                    Some(v) => out.push_str(v),
+                    None => out.push_str(&rest[start..start + 3 + end]),
+                }
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The definition as it runs on this host: the host's environment under the
+/// definition's own, and `${NAME}` expanded in commands and health checks.
+pub fn with_host_env(
+    mut def: ServiceDefinition,
+    host_env: &BTreeMap<String, String>,
+) -> ServiceDefinition {
+    let mut env = host_env.clone();
+    env.extend(std::mem::take(&mut def.env));
+    let x = |v: &mut Vec<String>| {
+        for a in v.iter_mut() {
+            *a = expand(a, &env);
+        }
+    };
+    let cmd = |c: &mut Option<Command>| {
+        if let Some(c) = c {
+            for a in c.argv.iter_mut() {
+                *a = expand(a, &env);
+            }
+        }
+    };
+    match &mut def.supervision {
+        Supervision::Exec { argv, .. } => x(argv),
+        Supervision::Systemd { unit } => *unit = expand(unit, &env),
+        Supervision::Hooks { start, stop } => {
+            cmd(start);
+            cmd(stop);
+        }
+    }
+    cmd(&mut def.hooks.before_stop);
+    cmd(&mut def.hooks.before_switch);
+    cmd(&mut def.hooks.after_switch);
+    for c in def.health_checks.iter_mut() {
+        match &mut c.kind {
+            CheckKind::Http { url, .. } => *url = expand(url, &env),
+            CheckKind::Tcp { address } => *address = expand(address, &env),
+            CheckKind::Exec(c) => x(&mut c.argv),
+        }
+    }
+    def.env = env;
+    def
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expansion_replaces_known_names_and_keeps_the_rest() {
+        let env: BTreeMap<String, String> = [("PORT".to_string(), "8080".to_string())].into();
+        assert_eq!(
+            expand("http://127.0.0.1:${PORT}/health", &env),
+            "http://127.0.0.1:8080/health"
+        );
+        assert_eq!(expand("${NOPE}-${PORT}", &env), "${NOPE}-8080");
+        assert_eq!(expand("a${PORT", &env), "a${PORT");
+        assert_eq!(expand("plain", &env), "plain");
+    }
 
     #[test]
     fn digest_round_trips_and_rejects_garbage() {

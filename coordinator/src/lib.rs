@@ -1,6 +1,28 @@
 //! The rollout coordinator and the `rollout` operator CLI.
 //!
-//! The coordinator drives rolling updates across the fleet; see the repository's
-//! `ARCHITECTURE.md`. This crate is being built up issue by issue.
+//! Layout:
+//! * [`config`]: `coordinator.toml`, validated once.
+//! * [`pki`], [`tls`]: certificates with roles (`rollout certs init`) and the
+//!   mTLS configs; every RPC checks the caller's role.
+//! * [`store`]: rollouts, events and hosts in sled.
+//! * [`fleet`]: the live registry of connected agents and the command round-trip.
+//! * [`artifacts`]: artifacts by digest on disk, streamed in chunks.
+//! * [`rollout`]: the release spec ([`rollout::spec`]) and the pure planner
+//!   ([`rollout::planner`]).
+//! * [`engine`]: rollouts persisted and driven batch by batch.
+//! * [`server`]: `AgentService` and `ControlService`; [`server::run`] is what
+//!   `rollout serve` and the tests call.
+//! * [`cli`]: the `rollout` commands.
 
 #![forbid(unsafe_code)]
+
+pub mod artifacts;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod fleet;
+pub mod pki;
+pub mod rollout;
+pub mod server;
+pub mod store;
+pub mod tls;

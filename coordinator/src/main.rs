@@ -1,13 +1,281 @@
 //! `rollout`: the operator CLI and the coordinator daemon (`rollout serve`).
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Operator CLI for rollout.
+use clap::{Parser, Subcommand, ValueEnum};
+use rollout_coordinator::cli::{self, Action, Connection, Output};
+use rollout_coordinator::config::CoordinatorConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Rolling deploys across a fleet, health-gated, with automatic rollback.
 #[derive(Debug, Parser)]
 #[command(name = "rollout", version, about)]
-struct Cli {}
+struct Cli {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "ROLLOUT_COORDINATOR",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    coordinator: String,
+    /// Directory with ca.pem, operator.pem and operator.key (from `rollout certs init`).
+    #[arg(long, global = true, env = "ROLLOUT_CERTS")]
+    certs: Option<PathBuf>,
+    /// Plaintext, no certificates: throw-away local setups only.
+    #[arg(long, global = true)]
+    insecure_dev: bool,
+    /// Output format of listings.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the coordinator is not built yet; see the repository's issues")
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the coordinator daemon.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = "/etc/rollout/coordinator.toml")]
+        config: PathBuf,
+        /// Listen address (overrides the config).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Start a rollout from a release spec; prints its id.
+    Deploy {
+        /// Release spec (TOML).
+        spec: PathBuf,
+        /// Stream progress until it ends; exit 0 only on success.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Dry run: which hosts in which batch.
+    Plan {
+        /// Release spec (TOML).
+        spec: PathBuf,
+    },
+    /// Rollouts, or one rollout.
+    Status {
+        /// Rollout id.
+        id: Option<String>,
+    },
+    /// Live progress of a rollout until it ends; exit 0 only on success.
+    Watch {
+        /// Rollout id.
+        id: String,
+    },
+    /// Pause a rollout between batches.
+    Pause {
+        /// Rollout id.
+        id: String,
+    },
+    /// Resume a paused rollout.
+    Resume {
+        /// Rollout id.
+        id: String,
+    },
+    /// Continue a rollout waiting after a canary stage.
+    Promote {
+        /// Rollout id.
+        id: String,
+    },
+    /// Stop a rollout and roll back the hosts it changed.
+    Abort {
+        /// Rollout id.
+        id: String,
+    },
+    /// Roll a service back on every host that runs it.
+    Rollback {
+        /// Service.
+        service: String,
+        /// Release to return to (default: each host's last known good).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Hosts: labels, connection, release, phase, health, CPU, memory.
+    Hosts,
+    /// Rollouts and per-host history of a service.
+    History {
+        /// Service.
+        service: String,
+    },
+    /// The event log of a rollout.
+    Events {
+        /// Rollout id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a CA and the coordinator, operator (and optional agent) certificates.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra DNS names or IPs for the coordinator certificate.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Also issue a certificate for this agent host (repeatable).
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+    },
+}
+
+fn init_logging(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let conn = Connection {
+        url: if cli.insecure_dev && cli.coordinator.starts_with("https://") {
+            cli.coordinator.replacen("https://", "http://", 1)
+        } else {
+            cli.coordinator.clone()
+        },
+        certs: cli.certs.clone(),
+        insecure_dev: cli.insecure_dev,
+    };
+    let output = match cli.output {
+        Format::Table => Output::Table,
+        Format::Json => Output::Json,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out: &mut dyn std::io::Write = &mut stdout;
+    match cli.command {
+        Cmd::Serve { config, listen } => {
+            let mut cfg = CoordinatorConfig::load(&config)?;
+            if let Some(l) = listen {
+                cfg.listen = l
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--listen {l:?} is not host:port"))?;
+            }
+            init_logging(cfg.log_json, &cfg.log_level);
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("bind {}: {e}; is another coordinator running?", cfg.listen)
+                })?;
+            let cancel = CancellationToken::new();
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                c.cancel();
+            });
+            rollout_coordinator::server::run(listener, cfg, cli.insecure_dev, cancel).await?;
+            Ok(true)
+        }
+        Cmd::Certs {
+            cmd: CertsCmd::Init { dir, names, agents },
+        } => {
+            rollout_coordinator::pki::init(&dir, &names, &agents)?;
+            writeln!(
+                out,
+                "wrote a CA and coordinator, operator{} certificates to {}",
+                if agents.is_empty() { "" } else { " and agent" },
+                dir.display()
+            )?;
+            writeln!(
+                out,
+                "keep {}/ca.key offline; the coordinator needs ca.pem, coordinator.pem, coordinator.key",
+                dir.display()
+            )?;
+            Ok(true)
+        }
+        Cmd::Deploy { spec, wait } => {
+            Ok(cli::deploy(&conn, &spec, false, wait, output, out).await?)
+        }
+        Cmd::Plan { spec } => Ok(cli::deploy(&conn, &spec, true, false, output, out).await?),
+        Cmd::Status { id } => {
+            cli::status(&conn, id.as_deref(), output, out).await?;
+            Ok(true)
+        }
+        Cmd::Watch { id } => Ok(cli::watch(&conn, &id, output, out).await?),
+        Cmd::Pause { id } => cli::act(&conn, Action::Pause, &id, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Resume { id } => cli::act(&conn, Action::Resume, &id, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Promote { id } => cli::act(&conn, Action::Promote, &id, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Abort { id } => cli::act(&conn, Action::Abort, &id, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Rollback { service, to } => {
+            Ok(cli::rollback(&conn, &service, to.as_deref(), output, out).await?)
+        }
+        Cmd::Hosts => cli::hosts(&conn, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::History { service } => cli::history(&conn, &service, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Events { id } => cli::events(&conn, &id, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rollout: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("rollout: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod coordinator;
 
 use std::collections::HashMap;
@@ -180,6 +181,24 @@ pub struct AgentOptions {
     pub crash_at: Option<String>,
     /// Releases kept.
     pub retain: usize,
+    /// Host environment (`[env]`), e.g. the sample service's `PORT`.
+    pub env: Vec<(String, String)>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+}
+
+impl AgentOptions {
+    /// Options for `host` talking to `coordinator`.
+    pub fn new(host: &str, coordinator: Option<String>) -> Self {
+        AgentOptions {
+            host: host.into(),
+            coordinator,
+            crash_at: None,
+            retain: 5,
+            env: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
 }
 
 /// A real `rollout-agent` process with its own data directory.
@@ -227,6 +246,18 @@ impl Agent {
             self.data_dir().display().to_string(),
             self.opts.retain
         );
+        if !self.opts.env.is_empty() {
+            c.push_str("[env]\n");
+            for (k, v) in &self.opts.env {
+                c.push_str(&format!("{k} = {v:?}\n"));
+            }
+        }
+        if !self.opts.labels.is_empty() {
+            c.push_str("[labels]\n");
+            for (k, v) in &self.opts.labels {
+                c.push_str(&format!("{k} = {v:?}\n"));
+            }
+        }
         if let Some(url) = &self.opts.coordinator {
             c.push_str(&format!(
                 "[coordinator]\nurl = {url:?}\ninsecure_dev = true\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n"

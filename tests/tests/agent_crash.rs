@@ -29,13 +29,7 @@ async fn crash_and_recover(
     expect: Expect,
 ) -> Result<()> {
     let coord = FakeCoordinator::start().await?;
-    let mut agent = Agent::start(AgentOptions {
-        host: host.into(),
-        coordinator: Some(coord.url()),
-        crash_at: None,
-        retain: 5,
-    })
-    .await?;
+    let mut agent = Agent::start(AgentOptions::new(host, Some(coord.url()))).await?;
     coord.wait_connected(host, 1).await?;
     let port = free_port();
     let d1 = coord.add_artifact(sample_artifact(&["version=v1"]));

@@ -22,13 +22,7 @@ struct Env {
 
 async fn setup(host: &str) -> Result<Env> {
     let coord = FakeCoordinator::start().await?;
-    let agent = Agent::start(AgentOptions {
-        host: host.into(),
-        coordinator: Some(coord.url()),
-        crash_at: None,
-        retain: 5,
-    })
-    .await?;
+    let agent = Agent::start(AgentOptions::new(host, Some(coord.url()))).await?;
     coord.wait_connected(host, 1).await?;
     Ok(Env {
         coord,

@@ -161,11 +161,16 @@ pub struct EngineConfig {
     /// Test-only: kill the agent with SIGKILL at this journal point, e.g.
     /// `activating:switch:intent` or `rolling_back:start:done`.
     pub crash_at: Option<String>,
+    /// Host-level environment (agent config `[env]`): defaults for every
+    /// service's environment, and the values `${NAME}` expands to in commands
+    /// and health checks.
+    pub host_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            host_env: Default::default(),
             retain_releases: 5,
             crash_at: None,
         }
@@ -611,11 +616,11 @@ impl Worker {
     fn release_def(&self, release: Option<&str>) -> Result<Option<ServiceDefinition>, EngineError> {
         match release {
             None => Ok(None),
-            Some(r) => Ok(self
-                .deps
-                .store
-                .release(self.service(), r)?
-                .map(|r| r.definition)),
+            Some(r) => {
+                Ok(self.deps.store.release(self.service(), r)?.map(|r| {
+                    crate::release::with_host_env(r.definition, &self.deps.config.host_env)
+                }))
+            }
         }
     }
 

@@ -1,0 +1,166 @@
+//! The coordinator's configuration (`coordinator.toml`), validated once.
+//! Unknown keys are an error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Bad TOML or keys.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A bad value.
+    #[error("config: {key}: {message}")]
+    Invalid {
+        /// Key.
+        key: String,
+        /// What to do.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    max_artifact_bytes: Option<u64>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+/// TLS material of the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA that signs agents and operators.
+    pub ca: PathBuf,
+    /// The coordinator's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// State and artifacts.
+    pub data_dir: PathBuf,
+    /// Largest artifact upload.
+    pub max_artifact_bytes: u64,
+    /// mTLS material; `None` only with `--insecure-dev`.
+    pub tls: Option<TlsFiles>,
+    /// `human` or `json`.
+    pub log_json: bool,
+    /// Tracing filter.
+    pub log_level: String,
+}
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/rollout-coordinator";
+
+impl CoordinatorConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates text (`path` only for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen_s.parse().map_err(|_| ConfigError::Invalid {
+            key: "listen".into(),
+            message: format!("{listen_s:?} is not host:port, e.g. \"0.0.0.0:7443\""),
+        })?;
+        let log_json = match raw.log.format.as_deref() {
+            None | Some("human") => false,
+            Some("json") => true,
+            Some(x) => {
+                return Err(ConfigError::Invalid {
+                    key: "log.format".into(),
+                    message: format!("{x:?}: use \"human\" or \"json\""),
+                });
+            }
+        };
+        Ok(CoordinatorConfig {
+            listen,
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            max_artifact_bytes: raw.max_artifact_bytes.unwrap_or(4 << 30),
+            tls: raw.tls.map(|t| TlsFiles {
+                ca: t.ca,
+                cert: t.cert,
+                key: t.key,
+            }),
+            log_json,
+            log_level: raw.log.level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = CoordinatorConfig::parse("", Path::new("c.toml")).expect("defaults");
+        assert_eq!(c.listen.port(), 7443);
+        assert!(c.tls.is_none());
+        for (text, needle) in [
+            ("lisen = \"x\"", "lisen"),
+            ("listen = \"nope\"", "listen"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("[tls]\nca = \"a\"", "cert"),
+        ] {
+            let e = CoordinatorConfig::parse(text, Path::new("c.toml"))
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,1025 @@
+//! The rollout engine: creates rollouts from specs, and drives each one with a
+//! watcher task: stage everywhere (bounded parallelism), then batch by batch
+//! activate, gate on the agents' verify/probation, commit; past the failure
+//! budget halt and, with `auto_rollback`, return every host it changed to its
+//! previous release, newest batch first.
+//!
+//! Every transition is persisted (and flushed) before it is acted on; a
+//! restarted coordinator resumes each unfinished rollout from the store. A host
+//! journaled as `activating` is reconciled from its own report and history, so
+//! it is never activated twice nor skipped.
+
+pub mod model;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rollout_proto::pb;
+use rollout_proto::pb::coordinator_message::Cmd;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::artifacts::Artifacts;
+use crate::fleet::{Fleet, FleetError};
+use crate::rollout::planner;
+use crate::rollout::spec::{DeploySpec, parse_spec};
+use crate::store::{Store, StoreError};
+use model::{Event, Failure, HostProgress, HostState, Rollout, RolloutState, now_ms};
+
+/// Engine failures, each naming the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The spec does not parse or validate.
+    #[error("{0}")]
+    Spec(String),
+    /// Target selection failed.
+    #[error("{0}")]
+    Targets(String),
+    /// No such rollout.
+    #[error("rollout {0} not found; `rollout status` lists rollouts")]
+    NotFound(String),
+    /// The request does not fit the rollout's state.
+    #[error("rollout {id} is {state}: {message}")]
+    WrongState {
+        /// Rollout id.
+        id: String,
+        /// Its state.
+        state: String,
+        /// What to do.
+        message: String,
+    },
+    /// Another rollout of the service runs.
+    #[error(
+        "rollout {other} of service {service} is still {state}; wait for it, or `rollout abort {other}`"
+    )]
+    Conflict {
+        /// Service.
+        service: String,
+        /// The running rollout.
+        other: String,
+        /// Its state.
+        state: String,
+    },
+    /// The artifact is not uploaded.
+    #[error("{0}")]
+    Artifact(#[from] crate::artifacts::ArtifactError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    /// The one conversion to a gRPC status.
+    pub fn to_status(&self) -> tonic::Status {
+        let m = self.to_string();
+        match self {
+            EngineError::Spec(_) | EngineError::Targets(_) => tonic::Status::invalid_argument(m),
+            EngineError::NotFound(_) => tonic::Status::not_found(m),
+            EngineError::WrongState { .. } | EngineError::Conflict { .. } => {
+                tonic::Status::failed_precondition(m)
+            }
+            EngineError::Artifact(crate::artifacts::ArtifactError::Missing(_)) => {
+                tonic::Status::not_found(m)
+            }
+            EngineError::Artifact(_) => tonic::Status::invalid_argument(m),
+            EngineError::Store(_) => tonic::Status::internal(m),
+        }
+    }
+}
+
+/// Slack added to an agent's own deadlines before the coordinator gives up on
+/// a command.
+const COMMAND_SLACK: Duration = Duration::from_secs(30);
+
+/// The engine.
+pub struct Engine {
+    store: Store,
+    fleet: Arc<Fleet>,
+    artifacts: Artifacts,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    changes: broadcast::Sender<String>,
+    cancel: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+fn ev(host: Option<&str>, kind: &str, message: impl Into<String>) -> Event {
+    Event {
+        seq: 0,
+        at_ms: now_ms(),
+        host: host.map(str::to_string),
+        kind: kind.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Engine {
+    /// An engine; call [`Engine::resume_all`] to pick up unfinished rollouts.
+    pub fn new(
+        store: Store,
+        fleet: Arc<Fleet>,
+        artifacts: Artifacts,
+        cancel: CancellationToken,
+    ) -> Arc<Engine> {
+        let (changes, _) = broadcast::channel(1024);
+        Arc::new(Engine {
+            store,
+            fleet,
+            artifacts,
+            locks: Mutex::new(HashMap::new()),
+            changes,
+            cancel,
+            tasks: tokio_util::task::TaskTracker::new(),
+        })
+    }
+
+    /// The fleet registry.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ids of rollouts that changed.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    /// Restarts a watcher for every unfinished rollout.
+    pub fn resume_all(self: &Arc<Self>) -> Result<(), EngineError> {
+        for r in self.store.rollouts()? {
+            if !r.state.is_terminal() {
+                info!(rollout = %r.id, state = r.state.name(), "resuming rollout");
+                self.spawn(r.id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every watcher (rollouts resume on the next start).
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn spawn(self: &Arc<Self>, id: String) {
+        let me = self.clone();
+        self.tasks.spawn(async move { me.drive(id).await });
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.locks.lock() {
+            Ok(mut m) => m.entry(id.to_string()).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// One rollout.
+    pub fn get(&self, id: &str) -> Result<Rollout, EngineError> {
+        self.store
+            .rollout(id)?
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))
+    }
+
+    /// Loads, changes and persists a rollout under its lock; `f` returns the
+    /// events explaining the change.
+    async fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
+    ) -> Result<Rollout, EngineError> {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let mut r = self.get(id)?;
+        let events = f(&mut r)?;
+        r.updated_at_ms = now_ms();
+        self.store.save_rollout(&r, &events)?;
+        let _ = self.changes.send(id.to_string());
+        Ok(r)
+    }
+
+    /// Parses the spec, selects targets and plans batches.
+    pub fn plan(&self, spec_toml: &str) -> Result<(DeploySpec, Vec<Vec<String>>), EngineError> {
+        let spec = parse_spec(spec_toml, std::path::Path::new("."))
+            .map_err(|e| EngineError::Spec(e.to_string()))?;
+        let hosts = planner::select_hosts(&spec.targets, &self.fleet.labels())
+            .map_err(|e| EngineError::Targets(e.to_string()))?;
+        let batches = planner::plan_batches(&hosts, &spec.strategy);
+        Ok((spec, batches))
+    }
+
+    /// Creates and starts a rollout.
+    pub fn deploy(
+        self: &Arc<Self>,
+        spec_toml: &str,
+        digest: &str,
+        size: u64,
+    ) -> Result<Rollout, EngineError> {
+        let (spec, batches) = self.plan(spec_toml)?;
+        if !self.artifacts.has(digest) {
+            return Err(crate::artifacts::ArtifactError::Missing(digest.to_string()).into());
+        }
+        if let Some(d) = spec.artifact.digest.as_deref()
+            && d != digest
+        {
+            return Err(crate::artifacts::ArtifactError::Mismatch {
+                expected: d.to_string(),
+                actual: digest.to_string(),
+            }
+            .into());
+        }
+        for other in self.store.rollouts()? {
+            if other.service == spec.service && !other.state.is_terminal() {
+                return Err(EngineError::Conflict {
+                    service: spec.service.clone(),
+                    other: other.id.clone(),
+                    state: other.state.name().to_string(),
+                });
+            }
+        }
+        let mut def = spec.definition.clone();
+        def.artifact = Some(pb::Artifact {
+            digest: digest.to_string(),
+            size,
+            signature: String::new(),
+        });
+        let n: usize = batches.iter().map(Vec::len).sum();
+        let mut hosts = std::collections::BTreeMap::new();
+        for (i, b) in batches.iter().enumerate() {
+            for h in b {
+                hosts.insert(
+                    h.clone(),
+                    HostProgress {
+                        state: HostState::Pending,
+                        batch: i,
+                        failure: None,
+                        reason: String::new(),
+                        previous_release: None,
+                    },
+                );
+            }
+        }
+        let now = now_ms();
+        let id = format!("r-{}-{:04x}", now, rand::random::<u16>());
+        let pause_points: BTreeSet<usize> = if spec.strategy.pause_after_canary {
+            planner::pause_points(&batches, &spec.strategy)
+        } else {
+            BTreeSet::new()
+        };
+        let r = Rollout {
+            id: id.clone(),
+            service: spec.service.clone(),
+            release: spec.release.clone(),
+            definition: prost::Message::encode_to_vec(&def),
+            failure_budget: planner::failure_budget(&spec.strategy, n),
+            strategy: spec.strategy.clone(),
+            batches,
+            pause_points,
+            state: RolloutState::Staging,
+            resume_state: None,
+            current_batch: 0,
+            aborted: false,
+            hosts,
+            message: "staging the release on every target".into(),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let plan = r
+            .batches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("batch {i}: {}", b.join(",")))
+            .collect::<Vec<_>>()
+            .join("; ");
+        self.store.save_rollout(
+            &r,
+            &[ev(
+                None,
+                "created",
+                format!("{} {} on {n} hosts; {plan}", r.service, r.release),
+            )],
+        )?;
+        info!(rollout = %id, service = %r.service, release = %r.release, hosts = n, "rollout created");
+        self.spawn(id);
+        Ok(r)
+    }
+
+    /// Pauses a rollout between batches.
+    pub async fn pause(&self, id: &str) -> Result<Rollout, EngineError> {
+        self.update(id, |r| match r.state {
+            RolloutState::Staging | RolloutState::Running | RolloutState::WaitingPromote => {
+                r.resume_state = Some(r.state);
+                r.state = RolloutState::Paused;
+                r.message = "paused by an operator".into();
+                Ok(vec![ev(None, "paused", "paused by an operator")])
+            }
+            s => Err(EngineError::WrongState {
+                id: r.id.clone(),
+                state: s.name().into(),
+                message: "only a staging, running or waiting rollout can be paused".into(),
+            }),
+        })
+        .await
+    }
+
+    /// Resumes a paused rollout.
+    pub async fn resume(&self, id: &str) -> Result<Rollout, EngineError> {
+        self.update(id, |r| match r.state {
+            RolloutState::Paused => {
+                r.state = r.resume_state.take().unwrap_or(RolloutState::Running);
+                r.message = "resumed".into();
+                Ok(vec![ev(None, "resumed", "resumed by an operator")])
+            }
+            s => Err(EngineError::WrongState {
+                id: r.id.clone(),
+                state: s.name().into(),
+                message: "only a paused rollout can be resumed".into(),
+            }),
+        })
+        .await
+    }
+
+    /// Lets a rollout waiting after a canary stage continue.
+    pub async fn promote(&self, id: &str) -> Result<Rollout, EngineError> {
+        self.update(id, |r| match r.state {
+            RolloutState::WaitingPromote => {
+                r.state = RolloutState::Running;
+                r.message = format!("promoted; continuing with batch {}", r.current_batch);
+                Ok(vec![ev(None, "promoted", r.message.clone())])
+            }
+            s => Err(EngineError::WrongState {
+                id: r.id.clone(),
+                state: s.name().into(),
+                message: "only a rollout waiting for promotion can be promoted".into(),
+            }),
+        })
+        .await
+    }
+
+    /// Aborts a rollout: no further batch; hosts it changed are rolled back
+    /// (with `auto_rollback`).
+    pub async fn abort(&self, id: &str) -> Result<Rollout, EngineError> {
+        self.update(id, |r| {
+            if r.state.is_terminal() {
+                return Err(EngineError::WrongState {
+                    id: r.id.clone(),
+                    state: r.state.name().into(),
+                    message: "it has already finished".into(),
+                });
+            }
+            r.aborted = true;
+            r.state = if r.strategy.auto_rollback {
+                RolloutState::RollingBack
+            } else {
+                RolloutState::Aborted
+            };
+            r.message = "aborted by an operator".into();
+            Ok(vec![ev(None, "aborted", "aborted by an operator")])
+        })
+        .await
+    }
+
+    // ---- the watcher ----
+
+    async fn drive(self: Arc<Self>, id: String) {
+        let mut changes = self.changes.subscribe();
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let r = match self.get(&id) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(rollout = %id, error = %e, "watcher cannot load its rollout");
+                    return;
+                }
+            };
+            let step = match r.state {
+                RolloutState::Staging => self.stage_all(&r).await,
+                RolloutState::Running => self.run_batch(&r).await,
+                RolloutState::RollingBack => self.rollback_all(&r).await,
+                RolloutState::Paused | RolloutState::WaitingPromote => {
+                    // Wait for an operator's change to this rollout.
+                    loop {
+                        tokio::select! {
+                            m = changes.recv() => match m {
+                                Ok(x) if x == id => break,
+                                Ok(_) => continue,
+                                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                                Err(_) => return,
+                            },
+                            () = self.cancel.cancelled() => return,
+                        }
+                    }
+                    Ok(())
+                }
+                _ => return,
+            };
+            if let Err(e) = step {
+                warn!(rollout = %id, error = %e, "rollout step failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = self.cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+
+    fn def_timeouts(r: &Rollout) -> (Duration, Duration) {
+        let d = r.definition();
+        let healthy = Duration::from_millis(d.healthy_deadline_ms.max(1000));
+        (
+            healthy + Duration::from_millis(d.min_healthy_time_ms) + COMMAND_SLACK,
+            Duration::from_secs(600),
+        )
+    }
+
+    fn past_deadline(r: &Rollout) -> bool {
+        planner::deadline_passed(r.created_at_ms, now_ms(), r.strategy.progress_deadline)
+    }
+
+    /// Halts past the budget or deadline; returns whether it did.
+    async fn check_halt(&self, id: &str, why: Option<String>) -> Result<bool, EngineError> {
+        let mut halted = false;
+        self.update(id, |r| {
+            if r.state.is_terminal() || r.state == RolloutState::RollingBack {
+                return Ok(vec![]);
+            }
+            let reason = why.clone().or_else(|| {
+                planner::budget_exceeded(r.failures(), r.failure_budget).then(|| {
+                    format!(
+                        "failure budget exceeded: {} hosts failed, budget {}",
+                        r.failures(),
+                        r.failure_budget
+                    )
+                })
+            });
+            let Some(reason) = reason else {
+                return Ok(vec![]);
+            };
+            halted = true;
+            r.state = if r.strategy.auto_rollback {
+                RolloutState::RollingBack
+            } else {
+                RolloutState::Failed
+            };
+            r.message = reason.clone();
+            warn!(rollout = %r.id, reason = %reason, "rollout halted");
+            Ok(vec![ev(None, "halted", reason)])
+        })
+        .await?;
+        Ok(halted)
+    }
+
+    async fn stage_all(&self, r: &Rollout) -> Result<(), EngineError> {
+        if Self::past_deadline(r) {
+            self.check_halt(&r.id, Some("progress_deadline passed while staging".into()))
+                .await?;
+            return Ok(());
+        }
+        let def = r.definition();
+        let (_, stage_timeout) = Self::def_timeouts(r);
+        let pending: Vec<String> = r
+            .hosts
+            .iter()
+            .filter(|(_, p)| p.state == HostState::Pending)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
+            futures::stream::iter(pending.into_iter().map(|h| {
+                let cmd = Cmd::Stage(pb::Stage {
+                    definition: Some(def.clone()),
+                });
+                async move {
+                    let res = self.fleet.command(&h, cmd, stage_timeout).await;
+                    (h, res)
+                }
+            }))
+            .buffer_unordered(r.strategy.stage_parallelism.max(1))
+            .collect()
+            .await;
+        self.update(&r.id, |r| {
+            let mut events = Vec::new();
+            for (h, res) in results {
+                let Some(p) = r.hosts.get_mut(&h) else {
+                    continue;
+                };
+                match res {
+                    Ok(x) if x.ok => {
+                        p.state = HostState::Staged;
+                        events.push(ev(Some(&h), "staged", "release staged"));
+                    }
+                    Ok(x) => {
+                        p.state = HostState::Failed;
+                        p.failure = Some(Failure::from_pb(x.failure));
+                        p.reason = x.error.clone();
+                        events.push(ev(
+                            Some(&h),
+                            "host_failed",
+                            format!("stage_failed: {}", x.error),
+                        ));
+                    }
+                    Err(e) => {
+                        p.state = HostState::Failed;
+                        p.failure = Some(Failure::Unreachable);
+                        p.reason = e.to_string();
+                        events.push(ev(Some(&h), "host_failed", format!("unreachable: {e}")));
+                    }
+                }
+            }
+            if r.state == RolloutState::Staging {
+                r.state = RolloutState::Running;
+                r.message = "staged; activating batch 0".into();
+                events.push(ev(None, "running", r.message.clone()));
+            }
+            Ok(events)
+        })
+        .await?;
+        self.check_halt(&r.id, None).await?;
+        Ok(())
+    }
+
+    async fn run_batch(&self, r: &Rollout) -> Result<(), EngineError> {
+        let i = r.current_batch;
+        if i >= r.batches.len() {
+            self.update(&r.id, |r| {
+                r.state = RolloutState::Succeeded;
+                r.message = format!(
+                    "succeeded: {} of {} hosts on {}",
+                    r.hosts
+                        .values()
+                        .filter(|h| h.state == HostState::Committed)
+                        .count(),
+                    r.hosts.len(),
+                    r.release
+                );
+                Ok(vec![ev(None, "succeeded", r.message.clone())])
+            })
+            .await?;
+            return Ok(());
+        }
+        if Self::past_deadline(r) {
+            self.check_halt(
+                &r.id,
+                Some(format!("progress_deadline passed during batch {i}")),
+            )
+            .await?;
+            return Ok(());
+        }
+        let batch = r.batches[i].clone();
+        self.update(&r.id, |r| {
+            r.message = format!("batch {i}: activating {}", batch.join(","));
+            Ok(vec![ev(None, "batch_started", r.message.clone())])
+        })
+        .await?;
+        let (activate_timeout, _) = Self::def_timeouts(r);
+        let work: Vec<String> = batch
+            .iter()
+            .filter(|h| {
+                matches!(
+                    r.hosts.get(*h).map(|p| p.state),
+                    Some(HostState::Staged | HostState::Activating)
+                )
+            })
+            .cloned()
+            .collect();
+        let n = work.len().max(1);
+        futures::stream::iter(
+            work.into_iter()
+                .map(|h| self.activate_host(r, h, activate_timeout)),
+        )
+        .buffer_unordered(n)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, EngineError>>()?;
+        if self.check_halt(&r.id, None).await? {
+            return Ok(());
+        }
+        // The batch's gate passed on every surviving host: commit them.
+        let r = self.get(&r.id)?;
+        if r.state != RolloutState::Running && r.state != RolloutState::Paused {
+            return Ok(());
+        }
+        let to_commit: Vec<String> = batch
+            .iter()
+            .filter(|h| r.hosts.get(*h).map(|p| p.state) == Some(HostState::Probation))
+            .cloned()
+            .collect();
+        let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
+            futures::stream::iter(to_commit.into_iter().map(|h| {
+                let cmd = Cmd::Commit(pb::Commit {
+                    service: r.service.clone(),
+                    release: r.release.clone(),
+                });
+                async move {
+                    let res = self.fleet.command(&h, cmd, COMMAND_SLACK).await;
+                    (h, res)
+                }
+            }))
+            .buffer_unordered(n)
+            .collect()
+            .await;
+        self.update(&r.id, |r| {
+            let mut events = Vec::new();
+            for (h, res) in results {
+                let Some(p) = r.hosts.get_mut(&h) else {
+                    continue;
+                };
+                match res {
+                    Ok(x) if x.ok => {
+                        p.state = HostState::Committed;
+                        events.push(ev(Some(&h), "committed", "committed"));
+                    }
+                    Ok(x) => {
+                        p.state = HostState::Failed;
+                        p.failure = Some(Failure::RolledBackByHost);
+                        p.reason = x.error.clone();
+                        events.push(ev(
+                            Some(&h),
+                            "host_failed",
+                            format!("rolled_back_by_host: {}", x.error),
+                        ));
+                    }
+                    Err(e) => {
+                        p.state = HostState::Failed;
+                        p.failure = Some(Failure::Unreachable);
+                        p.reason = format!("commit: {e}");
+                        events.push(ev(
+                            Some(&h),
+                            "host_failed",
+                            format!("unreachable at commit: {e}"),
+                        ));
+                    }
+                }
+            }
+            Ok(events)
+        })
+        .await?;
+        if self.check_halt(&r.id, None).await? {
+            return Ok(());
+        }
+        self.update(&r.id, |r| {
+            if r.current_batch != i {
+                return Ok(vec![]);
+            }
+            r.current_batch = i + 1;
+            let mut events = vec![ev(None, "batch_done", format!("batch {i} done"))];
+            if r.current_batch < r.batches.len() && r.pause_points.contains(&i) {
+                if r.state == RolloutState::Running {
+                    r.state = RolloutState::WaitingPromote;
+                } else {
+                    r.resume_state = Some(RolloutState::WaitingPromote);
+                }
+                r.message = format!(
+                    "canary stage done after batch {i}; waiting for `rollout promote {}`",
+                    r.id
+                );
+                events.push(ev(None, "waiting_promote", r.message.clone()));
+            }
+            Ok(events)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Activates one host (or reconciles one journaled as activating).
+    async fn activate_host(
+        &self,
+        r: &Rollout,
+        host: String,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let state = r.hosts.get(&host).map(|p| p.state);
+        if state == Some(HostState::Activating) {
+            return self.reconcile_activating(r, host, timeout).await;
+        }
+        let before = self
+            .fleet
+            .service(&host, &r.service)
+            .map(|s| s.current_release);
+        self.update(&r.id, |r| {
+            if let Some(p) = r.hosts.get_mut(&host) {
+                p.state = HostState::Activating;
+                p.previous_release = before.clone().filter(|s| !s.is_empty());
+            }
+            Ok(vec![ev(
+                Some(&host),
+                "activating",
+                format!("from {}", before.clone().unwrap_or_default()),
+            )])
+        })
+        .await?;
+        self.send_activate(r, host, timeout).await
+    }
+
+    async fn send_activate(
+        &self,
+        r: &Rollout,
+        host: String,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let cmd = Cmd::Activate(pb::Activate {
+            service: r.service.clone(),
+            release: r.release.clone(),
+            cause: r.id.clone(),
+        });
+        let res = self.fleet.command(&host, cmd, timeout).await;
+        self.update(&r.id, |r| {
+            let Some(p) = r.hosts.get_mut(&host) else {
+                return Ok(vec![]);
+            };
+            Ok(vec![match res {
+                Ok(x) if x.ok => {
+                    p.state = HostState::Probation;
+                    ev(Some(&host), "probation", "verified healthy; in probation")
+                }
+                Ok(x) => {
+                    p.state = HostState::Failed;
+                    p.failure = Some(Failure::from_pb(x.failure));
+                    p.reason = x.error.clone();
+                    ev(
+                        Some(&host),
+                        "host_failed",
+                        format!(
+                            "{}: {}",
+                            p.failure.map(Failure::name).unwrap_or("other"),
+                            x.error
+                        ),
+                    )
+                }
+                Err(e) => {
+                    p.state = HostState::Failed;
+                    p.failure = Some(Failure::Unreachable);
+                    p.reason = e.to_string();
+                    ev(Some(&host), "host_failed", format!("unreachable: {e}"))
+                }
+            }])
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A host journaled as activating when the coordinator stopped: decide from
+    /// its own report whether the activation happened.
+    async fn reconcile_activating(
+        &self,
+        r: &Rollout,
+        host: String,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.fleet.connected(&host)
+                && let Some(s) = self.fleet.service(&host, &r.service)
+            {
+                let ours = |event: &str| {
+                    s.recent
+                        .iter()
+                        .any(|h| h.release == r.release && h.event == event && h.cause == r.id)
+                };
+                let phase = pb::Phase::try_from(s.phase).unwrap_or(pb::Phase::Unspecified);
+                let outcome = if s.current_release == r.release && phase == pb::Phase::Probation {
+                    Some((
+                        HostState::Probation,
+                        None,
+                        "reconciled: in probation".to_string(),
+                    ))
+                } else if s.current_release == r.release
+                    && phase == pb::Phase::Idle
+                    && s.last_known_good == r.release
+                {
+                    Some((
+                        HostState::Committed,
+                        None,
+                        "reconciled: committed".to_string(),
+                    ))
+                } else if ours("activating") {
+                    if matches!(
+                        phase,
+                        pb::Phase::Activating | pb::Phase::Verifying | pb::Phase::RollingBack
+                    ) {
+                        None
+                    } else {
+                        Some((
+                            HostState::Failed,
+                            Some(Failure::RolledBackByHost),
+                            "reconciled: the host rolled the release back".to_string(),
+                        ))
+                    }
+                } else if !matches!(
+                    phase,
+                    pb::Phase::Activating | pb::Phase::Verifying | pb::Phase::RollingBack
+                ) {
+                    // The activation never reached the host: send it now.
+                    info!(rollout = %r.id, host = %host, "activation was never received; sending it");
+                    return self.send_activate(r, host, timeout).await;
+                } else {
+                    None
+                };
+                if let Some((state, failure, msg)) = outcome {
+                    self.update(&r.id, |r| {
+                        if let Some(p) = r.hosts.get_mut(&host) {
+                            p.state = state;
+                            p.failure = failure;
+                            if failure.is_some() {
+                                p.reason = msg.clone();
+                            }
+                        }
+                        Ok(vec![ev(Some(&host), "reconciled", msg)])
+                    })
+                    .await?;
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > end {
+                self.update(&r.id, |r| {
+                    if let Some(p) = r.hosts.get_mut(&host) {
+                        p.state = HostState::Failed;
+                        p.failure = Some(Failure::Unreachable);
+                        p.reason = "no report after a coordinator restart".into();
+                    }
+                    Ok(vec![ev(
+                        Some(&host),
+                        "host_failed",
+                        "unreachable: no report after a coordinator restart",
+                    )])
+                })
+                .await?;
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = self.cancel.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    async fn rollback_all(&self, r: &Rollout) -> Result<(), EngineError> {
+        let mut by_batch: Vec<(usize, String, Option<String>)> = r
+            .hosts
+            .iter()
+            .filter(|(_, p)| {
+                matches!(
+                    p.state,
+                    HostState::Probation
+                        | HostState::Committed
+                        | HostState::RollingBack
+                        | HostState::Activating
+                )
+            })
+            .map(|(h, p)| (p.batch, h.clone(), p.previous_release.clone()))
+            .collect();
+        by_batch.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut failed = Vec::new();
+        let mut batch_ids: Vec<usize> = by_batch.iter().map(|x| x.0).collect();
+        batch_ids.dedup();
+        for b in batch_ids {
+            let hosts: Vec<(String, Option<String>)> = by_batch
+                .iter()
+                .filter(|x| x.0 == b)
+                .map(|x| (x.1.clone(), x.2.clone()))
+                .collect();
+            self.update(&r.id, |r| {
+                for (h, _) in &hosts {
+                    if let Some(p) = r.hosts.get_mut(h) {
+                        p.state = HostState::RollingBack;
+                    }
+                }
+                Ok(vec![ev(
+                    None,
+                    "rolling_back",
+                    format!(
+                        "batch {b}: rolling back {}",
+                        hosts
+                            .iter()
+                            .map(|h| h.0.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                )])
+            })
+            .await?;
+            let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
+                futures::stream::iter(hosts.into_iter().map(|(h, prev)| {
+                    let cmd = Cmd::Rollback(pb::Rollback {
+                        service: r.service.clone(),
+                        to_release: prev.unwrap_or_default(),
+                        reason: format!("rollout {} halted: {}", r.id, r.message),
+                    });
+                    let (t, _) = Self::def_timeouts(r);
+                    async move {
+                        let res = self.fleet.command(&h, cmd, t).await;
+                        (h, res)
+                    }
+                }))
+                .buffer_unordered(r.strategy.rollback_parallelism.max(1))
+                .collect()
+                .await;
+            self.update(&r.id, |r| {
+                let mut events = Vec::new();
+                for (h, res) in results {
+                    let Some(p) = r.hosts.get_mut(&h) else {
+                        continue;
+                    };
+                    match res {
+                        Ok(x) if x.ok => {
+                            p.state = HostState::RolledBack;
+                            events.push(ev(
+                                Some(&h),
+                                "rolled_back",
+                                "returned to its previous release",
+                            ));
+                        }
+                        Ok(x) => {
+                            p.reason = format!("rollback: {}", x.error);
+                            failed.push(h.clone());
+                            events.push(ev(Some(&h), "rollback_failed", x.error.clone()));
+                        }
+                        Err(e) => {
+                            p.reason = format!("rollback: {e}");
+                            failed.push(h.clone());
+                            events.push(ev(Some(&h), "rollback_failed", e.to_string()));
+                        }
+                    }
+                }
+                Ok(events)
+            })
+            .await?;
+        }
+        self.update(&r.id, |r| {
+            r.state = if r.aborted {
+                RolloutState::Aborted
+            } else {
+                RolloutState::RolledBack
+            };
+            let tail = if failed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; not rolled back (unreachable or refused, they return on their own when in probation): {}",
+                    failed.join(",")
+                )
+            };
+            r.message = format!("{}{tail}", r.message);
+            Ok(vec![ev(None, r.state.name(), r.message.clone())])
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// `rollout rollback <service> [--to]`: every host reporting the service.
+    pub async fn rollback_service(&self, service: &str, to: &str) -> Vec<pb::HostProgress> {
+        let hosts: Vec<String> = self
+            .fleet
+            .hosts()
+            .into_iter()
+            .filter(|h| {
+                h.report
+                    .as_ref()
+                    .is_some_and(|r| r.services.iter().any(|s| s.service == service))
+            })
+            .map(|h| h.host)
+            .collect();
+        futures::stream::iter(hosts.into_iter().map(|h| async move {
+            let cmd = Cmd::Rollback(pb::Rollback {
+                service: service.to_string(),
+                to_release: to.to_string(),
+                reason: "requested by an operator (rollout rollback)".into(),
+            });
+            let res = self.fleet.command(&h, cmd, Duration::from_secs(600)).await;
+            let (state, reason) = match res {
+                Ok(x) if x.ok => (
+                    "rolled_back".to_string(),
+                    x.service
+                        .map(|s| format!("now on {}", s.current_release))
+                        .unwrap_or_default(),
+                ),
+                Ok(x) => ("failed".to_string(), x.error),
+                Err(e) => ("failed".to_string(), e.to_string()),
+            };
+            pb::HostProgress {
+                host: h,
+                state,
+                failure: String::new(),
+                reason,
+                previous_release: String::new(),
+            }
+        }))
+        .buffer_unordered(10)
+        .collect()
+        .await
+    }
+}

@@ -1,0 +1,277 @@
+//! The live fleet registry: which agents are connected, their labels and last
+//! report, and the command round-trip over each agent's stream (commands down,
+//! results matched back by command id).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rollout_proto::pb;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::engine::model::{HostRecord, now_ms};
+use crate::store::Store;
+
+/// Why a command did not get a result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FleetError {
+    /// The host has no live stream, or it dropped mid-command.
+    #[error("host {0} is unreachable (not connected to the coordinator)")]
+    Unreachable(String),
+    /// No result within the time allowed.
+    #[error("host {host} did not answer within {after:?}")]
+    Timeout {
+        /// Host.
+        host: String,
+        /// Time waited.
+        after: Duration,
+    },
+}
+
+/// Outbound half of an agent stream.
+pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+struct Conn {
+    session: u64,
+    tx: AgentTx,
+    pending: HashMap<String, oneshot::Sender<pb::CommandResult>>,
+}
+
+struct Known {
+    labels: BTreeMap<String, String>,
+    report: pb::Report,
+    last_seen_ms: i64,
+    address: String,
+}
+
+/// The registry.
+pub struct Fleet {
+    conns: Mutex<HashMap<String, Conn>>,
+    known: Mutex<BTreeMap<String, Known>>,
+    store: Store,
+    changes: broadcast::Sender<String>,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// A registry seeded with the hosts the store remembers (all disconnected).
+    pub fn new(store: Store) -> Fleet {
+        let mut known = BTreeMap::new();
+        for h in store.hosts().unwrap_or_default() {
+            known.insert(
+                h.host.clone(),
+                Known {
+                    labels: h.labels,
+                    report: prost::Message::decode(h.report.as_slice()).unwrap_or_default(),
+                    last_seen_ms: h.last_seen_ms,
+                    address: h.address,
+                },
+            );
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Fleet {
+            conns: Mutex::new(HashMap::new()),
+            known: Mutex::new(known),
+            store,
+            changes,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// Host names that changed (connected, reported, disconnected).
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn persist(&self, host: &str) {
+        let rec = self.known.lock().ok().and_then(|k| {
+            k.get(host).map(|k| HostRecord {
+                host: host.to_string(),
+                labels: k.labels.clone(),
+                last_seen_ms: k.last_seen_ms,
+                address: k.address.clone(),
+                report: prost::Message::encode_to_vec(&k.report),
+            })
+        });
+        if let Some(rec) = rec
+            && let Err(e) = self.store.save_host(&rec)
+        {
+            warn!(host, error = %e, "cannot persist host");
+        }
+    }
+
+    /// A new stream from `host`; replaces an older one. Returns its session id.
+    pub fn register(&self, hello: &pb::Hello, address: String, tx: AgentTx) -> u64 {
+        let session = self.next.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.conns.lock() {
+            // Dropping the old connection's pending senders fails its commands
+            // as unreachable.
+            c.insert(
+                hello.host.clone(),
+                Conn {
+                    session,
+                    tx,
+                    pending: HashMap::new(),
+                },
+            );
+        }
+        if let Ok(mut k) = self.known.lock() {
+            k.insert(
+                hello.host.clone(),
+                Known {
+                    labels: hello.labels.clone().into_iter().collect(),
+                    report: hello.report.clone().unwrap_or_default(),
+                    last_seen_ms: now_ms(),
+                    address,
+                },
+            );
+        }
+        self.persist(&hello.host);
+        info!(host = %hello.host, session, "agent connected");
+        let _ = self.changes.send(hello.host.clone());
+        session
+    }
+
+    /// The stream of `host` ended.
+    pub fn unregister(&self, host: &str, session: u64) {
+        if let Ok(mut c) = self.conns.lock()
+            && c.get(host).is_some_and(|c| c.session == session)
+        {
+            c.remove(host);
+        }
+        self.persist(host);
+        info!(host, session, "agent disconnected");
+        let _ = self.changes.send(host.to_string());
+    }
+
+    /// A report arrived: services it carries replace the ones known.
+    pub fn on_report(&self, host: &str, report: pb::Report) {
+        if let Ok(mut k) = self.known.lock()
+            && let Some(known) = k.get_mut(host)
+        {
+            known.last_seen_ms = now_ms();
+            let mut services = std::mem::take(&mut known.report.services);
+            for s in &report.services {
+                services.retain(|x| x.service != s.service);
+            }
+            services.extend(report.services.iter().cloned());
+            services.sort_by(|a, b| a.service.cmp(&b.service));
+            known.report = pb::Report { services, ..report };
+        }
+        let _ = self.changes.send(host.to_string());
+    }
+
+    /// A command result arrived.
+    pub fn on_result(&self, host: &str, result: pb::CommandResult) {
+        let waiter = self.conns.lock().ok().and_then(|mut c| {
+            c.get_mut(host)
+                .and_then(|c| c.pending.remove(&result.command_id))
+        });
+        if let Some(tx) = waiter {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Whether `host` has a live stream.
+    pub fn connected(&self, host: &str) -> bool {
+        self.conns
+            .lock()
+            .map(|c| c.contains_key(host))
+            .unwrap_or(false)
+    }
+
+    /// Last report of `host`'s `service`.
+    pub fn service(&self, host: &str, service: &str) -> Option<pb::ServiceReport> {
+        let k = self.known.lock().ok()?;
+        k.get(host)?
+            .report
+            .services
+            .iter()
+            .find(|s| s.service == service)
+            .cloned()
+    }
+
+    /// Every known host with its labels (for target selection).
+    pub fn labels(&self) -> Vec<(String, BTreeMap<String, String>)> {
+        self.known
+            .lock()
+            .map(|k| {
+                k.iter()
+                    .map(|(h, k)| (h.clone(), k.labels.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every known host for `rollout hosts`.
+    pub fn hosts(&self) -> Vec<pb::HostInfo> {
+        let known = match self.known.lock() {
+            Ok(k) => k,
+            Err(_) => return Vec::new(),
+        };
+        known
+            .iter()
+            .map(|(h, k)| pb::HostInfo {
+                host: h.clone(),
+                labels: k.labels.clone().into_iter().collect(),
+                connected: self.connected(h),
+                last_seen_ms: k.last_seen_ms,
+                report: Some(k.report.clone()),
+                address: k.address.clone(),
+            })
+            .collect()
+    }
+
+    /// Sends `cmd` to `host` and waits up to `timeout` for its result.
+    pub async fn command(
+        &self,
+        host: &str,
+        cmd: pb::coordinator_message::Cmd,
+        timeout: Duration,
+    ) -> Result<pb::CommandResult, FleetError> {
+        let id = format!("c{}", self.next.fetch_add(1, Ordering::SeqCst));
+        let (tx, rx) = oneshot::channel();
+        let out = {
+            let mut c = self
+                .conns
+                .lock()
+                .map_err(|_| FleetError::Unreachable(host.to_string()))?;
+            let conn = c
+                .get_mut(host)
+                .ok_or_else(|| FleetError::Unreachable(host.to_string()))?;
+            conn.pending.insert(id.clone(), tx);
+            conn.tx.clone()
+        };
+        let msg = pb::CoordinatorMessage {
+            command_id: id.clone(),
+            cmd: Some(cmd),
+        };
+        if out.send(Ok(msg)).await.is_err() {
+            return Err(FleetError::Unreachable(host.to_string()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(FleetError::Unreachable(host.to_string())),
+            Err(_) => {
+                if let Ok(mut c) = self.conns.lock()
+                    && let Some(conn) = c.get_mut(host)
+                {
+                    conn.pending.remove(&id);
+                }
+                Err(FleetError::Timeout {
+                    host: host.to_string(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+}

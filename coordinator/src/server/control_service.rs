@@ -1,0 +1,309 @@
+//! `ControlService`: the operator API. With TLS, only operator certificates
+//! may call it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use rollout_proto::pb;
+use rollout_proto::pb::control_service_server::ControlService;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::artifacts::Artifacts;
+use crate::engine::Engine;
+use crate::pki::Role;
+
+/// The operator-facing service.
+#[derive(Debug, Clone)]
+pub struct ControlApi {
+    /// The rollout engine.
+    pub engine: Arc<Engine>,
+    /// Artifact files.
+    pub artifacts: Artifacts,
+    /// Whether peers present certificates (false only with `--insecure-dev`).
+    pub tls: bool,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl ControlApi {
+    fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.tls {
+            crate::tls::require_role(req, &[Role::Operator])?;
+        }
+        Ok(())
+    }
+}
+
+fn batches(b: &[Vec<String>]) -> Vec<pb::Batch> {
+    b.iter()
+        .enumerate()
+        .map(|(i, hosts)| pb::Batch {
+            index: i as u32,
+            hosts: hosts
+                .iter()
+                .map(|h| pb::HostProgress {
+                    host: h.clone(),
+                    state: "pending".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    type WatchRolloutStream = BoxStream<pb::RolloutStatus>;
+
+    async fn upload_artifact(
+        &self,
+        req: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        self.auth(&req)?;
+        let mut s = req.into_inner();
+        let mut up = self
+            .artifacts
+            .begin()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut expected = String::new();
+        while let Some(chunk) = s.message().await? {
+            if expected.is_empty() && !chunk.digest.is_empty() {
+                expected = chunk.digest.clone();
+            }
+            up.write(&chunk.data)
+                .await
+                .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        }
+        let (digest, size) = self
+            .artifacts
+            .finish(up, Some(&expected))
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::UploadResponse { digest, size }))
+    }
+
+    async fn deploy(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        if r.dry_run {
+            let (_, b) = self.engine.plan(&r.spec_toml).map_err(|e| e.to_status())?;
+            return Ok(Response::new(pb::DeployResponse {
+                rollout_id: String::new(),
+                batches: batches(&b),
+            }));
+        }
+        let rollout = self
+            .engine
+            .deploy(&r.spec_toml, &r.artifact_digest, r.artifact_size)
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::DeployResponse {
+            rollout_id: rollout.id.clone(),
+            batches: batches(&rollout.batches),
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.auth(&req)?;
+        let r = self
+            .engine
+            .get(&req.into_inner().id)
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(r.status()))
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        self.auth(&req)?;
+        let svc = req.into_inner().service;
+        let rollouts = self
+            .engine
+            .store()
+            .rollouts()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .filter(|r| svc.is_empty() || r.service == svc)
+            .map(|r| r.status())
+            .collect();
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn watch_rollout(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        self.auth(&req)?;
+        let id = req.into_inner().id;
+        let engine = self.engine.clone();
+        let mut changes = engine.subscribe();
+        let first = engine.get(&id).map_err(|e| e.to_status())?;
+        let stream = async_stream::try_stream! {
+            let mut last = first.status();
+            yield last.clone();
+            while !last.finished {
+                match changes.recv().await {
+                    Ok(x) if x != id => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    _ => {}
+                }
+                let now = engine.get(&id).map_err(|e| e.to_status())?.status();
+                if now != last {
+                    last = now;
+                    yield last.clone();
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn pause(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.auth(&req)?;
+        let r = self
+            .engine
+            .pause(&req.into_inner().id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(r.status()))
+    }
+
+    async fn resume(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.auth(&req)?;
+        let r = self
+            .engine
+            .resume(&req.into_inner().id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(r.status()))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.auth(&req)?;
+        let r = self
+            .engine
+            .promote(&req.into_inner().id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(r.status()))
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.auth(&req)?;
+        let r = self
+            .engine
+            .abort(&req.into_inner().id)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(r.status()))
+    }
+
+    async fn rollback_service(
+        &self,
+        req: Request<pb::RollbackServiceRequest>,
+    ) -> Result<Response<pb::RollbackServiceResponse>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        let hosts = self
+            .engine
+            .rollback_service(&r.service, &r.to_release)
+            .await;
+        if hosts.is_empty() {
+            return Err(Status::not_found(format!(
+                "no host reports service {:?}; `rollout hosts` shows what runs where",
+                r.service
+            )));
+        }
+        Ok(Response::new(pb::RollbackServiceResponse { hosts }))
+    }
+
+    async fn list_hosts(
+        &self,
+        req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        self.auth(&req)?;
+        Ok(Response::new(pb::ListHostsResponse {
+            hosts: self.engine.fleet().hosts(),
+        }))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.auth(&req)?;
+        let svc = req.into_inner().service;
+        let hosts = self
+            .engine
+            .fleet()
+            .hosts()
+            .into_iter()
+            .filter_map(|h| {
+                let s = h
+                    .report
+                    .as_ref()?
+                    .services
+                    .iter()
+                    .find(|s| s.service == svc)?
+                    .clone();
+                Some(pb::HostHistory {
+                    host: h.host,
+                    entries: s.recent,
+                })
+            })
+            .collect();
+        let rollouts = self
+            .engine
+            .store()
+            .rollouts()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .filter(|r| r.service == svc)
+            .map(|r| r.status())
+            .collect();
+        Ok(Response::new(pb::HistoryResponse { hosts, rollouts }))
+    }
+
+    async fn events(
+        &self,
+        req: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::EventsResponse>, Status> {
+        self.auth(&req)?;
+        let id = req.into_inner().id;
+        self.engine.get(&id).map_err(|e| e.to_status())?;
+        let events = self
+            .engine
+            .store()
+            .events(&id)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|e| pb::RolloutEvent {
+                seq: e.seq,
+                at_ms: e.at_ms,
+                host: e.host.unwrap_or_default(),
+                kind: e.kind,
+                message: e.message,
+            })
+            .collect();
+        Ok(Response::new(pb::EventsResponse { events }))
+    }
+}

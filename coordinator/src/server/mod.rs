@@ -1,0 +1,119 @@
+//! The coordinator daemon: agent and control services on one listener, over
+//! mTLS (plaintext only with `--insecure-dev`).
+
+pub mod agent_service;
+pub mod control_service;
+
+use std::sync::Arc;
+
+use rollout_proto::pb::agent_service_server::AgentServiceServer;
+use rollout_proto::pb::control_service_server::ControlServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::artifacts::Artifacts;
+use crate::config::CoordinatorConfig;
+use crate::engine::Engine;
+use crate::fleet::Fleet;
+use crate::store::Store;
+
+/// Why the coordinator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// No TLS and no `--insecure-dev`.
+    #[error(
+        "no [tls] section in the config: the coordinator only serves mutual TLS; run `rollout certs init --dir DIR` and point [tls] ca/cert/key at it (or pass --insecure-dev for a throw-away local setup)"
+    )]
+    NoTls,
+    /// TLS files unreadable.
+    #[error("read {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Store failure.
+    #[error("{0}; is another coordinator using the same data directory?")]
+    Store(#[from] crate::store::StoreError),
+    /// Engine failure.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// Transport failure.
+    #[error("serve: {0}")]
+    Transport(String),
+}
+
+/// Runs the coordinator on `listener` until `cancel`.
+pub async fn run(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    insecure_dev: bool,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let tls = match (&config.tls, insecure_dev) {
+        (Some(t), _) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|source| ServeError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })
+            };
+            Some(crate::tls::server_tls(
+                &read(&t.ca)?,
+                &read(&t.cert)?,
+                &read(&t.key)?,
+            ))
+        }
+        (None, true) => None,
+        (None, false) => return Err(ServeError::NoTls),
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::Read {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let store = Store::open(&config.data_dir.join("state"))?;
+    let fleet = Arc::new(Fleet::new(store.clone()));
+    let artifacts = Artifacts::new(config.data_dir.join("artifacts"), config.max_artifact_bytes);
+    let engine = Engine::new(
+        store,
+        fleet.clone(),
+        artifacts.clone(),
+        cancel.child_token(),
+    );
+    engine.resume_all()?;
+    let secure = tls.is_some();
+    let agent = agent_service::AgentApi {
+        fleet,
+        artifacts: artifacts.clone(),
+        tls: secure,
+    };
+    let control = control_service::ControlApi {
+        engine: engine.clone(),
+        artifacts,
+        tls: secure,
+    };
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServeError::Transport(e.to_string()))?;
+    }
+    info!(addr = ?listener.local_addr().ok(), tls = secure, "coordinator listening");
+    let max = rollout_proto::MAX_MESSAGE_BYTES;
+    let result = builder
+        .add_service(AgentServiceServer::new(agent).max_decoding_message_size(max))
+        .add_service(ControlServiceServer::new(control).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            cancel.clone().cancelled_owned(),
+        )
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()));
+    engine.shutdown().await;
+    result
+}
