@@ -13,12 +13,14 @@
 //! * [`server`]: `AgentService` and `ControlService`; [`server::run`] is what
 //!   `rollout serve` and the tests call.
 //! * [`cli`]: the `rollout` commands.
+//! * [`dev`]: `rollout dev`, a local fleet with a live rolling deploy.
 
 #![forbid(unsafe_code)]
 
 pub mod artifacts;
 pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod engine;
 pub mod fleet;
 pub mod pki;

@@ -50,6 +50,23 @@ enum Cmd {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// A local fleet in one command: a coordinator and agents on loopback with a
+    /// throw-away CA; deploys v1, rolls out v2, then an unhealthy v3 that is
+    /// rolled back automatically. Runs until Ctrl-C.
+    Dev {
+        /// Number of agents.
+        #[arg(long, default_value_t = 5)]
+        agents: usize,
+        /// Working directory (default: a new directory under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where rollout-agent and sample-service are (default: next to this binary).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Exit after the demo (exit 0 only if v2 reached every host and v3 was rolled back).
+        #[arg(long)]
+        exit_after_demo: bool,
+    },
     /// Certificates.
     Certs {
         #[command(subcommand)]
@@ -196,6 +213,47 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             });
             rollout_coordinator::server::run(listener, cfg, cli.insecure_dev, cancel).await?;
             Ok(true)
+        }
+        Cmd::Dev {
+            agents,
+            dir,
+            bin_dir,
+            exit_after_demo,
+        } => {
+            if agents == 0 {
+                anyhow::bail!("--agents must be at least 1");
+            }
+            init_logging(false, "warn,rollout_coordinator::server=error");
+            let dir = match dir {
+                Some(d) => d,
+                None => std::env::temp_dir().join(format!("rollout-dev-{}", std::process::id())),
+            };
+            let bin_dir = match bin_dir {
+                Some(b) => b,
+                None => std::env::current_exe()?
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default(),
+            };
+            let cancel = CancellationToken::new();
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                c.cancel();
+            });
+            let opts = rollout_coordinator::dev::DevOptions {
+                agents,
+                dir: dir.clone(),
+                bin_dir,
+                exit_after_demo,
+            };
+            writeln!(out, "working directory: {}", dir.display())?;
+            let outcome = rollout_coordinator::dev::run(opts, out, cancel).await?;
+            let ok = outcome.v2_state == "succeeded"
+                && outcome.v3_state == "rolled_back"
+                && outcome.releases.len() == agents
+                && outcome.releases.iter().all(|(_, r)| r == "v2");
+            Ok(ok || !exit_after_demo)
         }
         Cmd::Certs {
             cmd: CertsCmd::Init { dir, names, agents },

@@ -154,6 +154,11 @@ impl Client {
         })
     }
 
+    /// The raw gRPC client.
+    pub fn raw(&mut self) -> &mut ControlServiceClient<Channel> {
+        &mut self.inner
+    }
+
     fn err(&self, s: tonic::Status) -> CliError {
         classify(&self.url, &s)
     }
