@@ -145,21 +145,33 @@ commit_deadline = "5m"
 /// Kills every process whose working directory lies under `dir` (the sample
 /// services the agents started), so a dev run leaves nothing behind.
 fn kill_under(dir: &Path) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
+    let under = || -> Vec<i32> {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
         };
-        if let Ok(cwd) = std::fs::read_link(p.path().join("cwd"))
-            && cwd.starts_with(dir)
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        procs
+            .flatten()
+            .filter_map(|p| {
+                let pid = p.file_name().to_string_lossy().parse::<i32>().ok()?;
+                let cwd = std::fs::read_link(p.path().join("cwd")).ok()?;
+                cwd.starts_with(dir).then_some(pid)
+            })
+            .collect()
+    };
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for pid in under() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    // Bounded wait for them to go, then SIGKILL what is left.
+    for _ in 0..50 {
+        if under().is_empty() {
+            return;
         }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in under() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 

@@ -289,3 +289,66 @@ async fn pause_resume_promote_and_abort() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn agent_killed_mid_batch_counts_as_unreachable_and_is_reconciled_on_return() -> Result<()> {
+    let mut c = Cluster::start(5, |_| vec![]).await?;
+    deploy_v1(&c).await?;
+    // A long bake so the kill lands while h2 verifies.
+    let spec = c.spec(
+        "v2",
+        &[],
+        &[],
+        "batch_size = 1\nmax_unavailable = 1\nmax_failures = 1\nmin_healthy_time = \"2s\"",
+    )?;
+    let spec_text = std::fs::read_to_string(&spec)?.replace("min_healthy_time = \"300ms\"\n", "");
+    std::fs::write(&spec, spec_text)?;
+    let id = c.deploy(&spec)?;
+    eventually("h2 activating", rollout_tests::DEADLINE, async || {
+        let s = c.coord.json(&["status", &id]).ok()?;
+        (s[0]["batches"][1]["hosts"][0]["state"] == "activating").then_some(())
+    })
+    .await?;
+    c.agents[1].kill9();
+    let s = c.wait_state(&id, "succeeded").await?;
+    let h2 = s["batches"][1]["hosts"][0].clone();
+    assert_eq!(h2["failure"], "unreachable", "{h2}");
+    assert_eq!(s["failures"], 1);
+    // h2 returns: it finishes its own rollback (journal) and the coordinator records it.
+    c.agents[1].restart(None).await?;
+    let s = eventually("h2 reconciled", rollout_tests::DEADLINE, async || {
+        let s = c.coord.json(&["status", &id]).ok()?;
+        let h2 = s[0]["batches"][1]["hosts"][0].clone();
+        h2["reason"].as_str()?.contains("returned on").then_some(h2)
+    })
+    .await?;
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("returned on v1"),
+        "{s}"
+    );
+    assert_eq!(
+        rollout_tests::served_version(c.ports[1]).as_deref(),
+        Some("v1")
+    );
+    for i in [0, 2, 3, 4] {
+        assert_eq!(
+            rollout_tests::served_version(c.ports[i]).as_deref(),
+            Some("v2"),
+            "h{}",
+            i + 1
+        );
+    }
+    let events = c.coord.json(&["events", &id])?;
+    assert!(
+        events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["kind"] == "reconciled" && e["host"] == "h2"),
+        "{events}"
+    );
+    Ok(())
+}

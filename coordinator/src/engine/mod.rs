@@ -980,6 +980,105 @@ impl Engine {
         Ok(())
     }
 
+    /// Watches hosts come back: a host a rollout counted as unreachable is
+    /// reconciled from its own report (and rolled back if it returned on the
+    /// new release uncommitted), and the rollout's record says so.
+    pub fn spawn_reconciler(self: &Arc<Self>) {
+        let me = self.clone();
+        let mut changes = self.fleet.subscribe();
+        self.tasks.spawn(async move {
+            loop {
+                let host = tokio::select! {
+                    m = changes.recv() => match m {
+                        Ok(h) => h,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                    () = me.cancel.cancelled() => return,
+                };
+                if !me.fleet.connected(&host) {
+                    continue;
+                }
+                if let Err(e) = me.reconcile_returned(&host).await {
+                    warn!(host = %host, error = %e, "reconciling a returned host failed");
+                }
+            }
+        });
+    }
+
+    async fn reconcile_returned(&self, host: &str) -> Result<(), EngineError> {
+        let rollouts: Vec<Rollout> = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .rev()
+            .take(50)
+            .filter(|r| {
+                r.hosts.get(host).is_some_and(|p| {
+                    p.failure == Some(Failure::Unreachable) && !p.reason.contains("returned on")
+                })
+            })
+            .collect();
+        for r in rollouts {
+            let Some(s) = self.fleet.service(host, &r.service) else {
+                continue;
+            };
+            let phase = pb::Phase::try_from(s.phase).unwrap_or(pb::Phase::Unspecified);
+            if matches!(
+                phase,
+                pb::Phase::Activating | pb::Phase::Verifying | pb::Phase::RollingBack
+            ) {
+                // Still recovering; a later report settles it.
+                continue;
+            }
+            let away: Vec<String> = s
+                .recent
+                .iter()
+                .filter(|h| h.cause == r.id || h.release == r.release)
+                .map(|h| format!("{} {}", h.release, h.event))
+                .collect();
+            let mut note = format!(
+                "returned on {} ({}); its history: {}",
+                if s.current_release.is_empty() {
+                    "-"
+                } else {
+                    &s.current_release
+                },
+                s.step,
+                if away.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    away.join(", ")
+                }
+            );
+            if s.current_release == r.release && phase == pb::Phase::Probation {
+                // On the new release but never committed by this rollout: it
+                // counted as failed, so it goes back.
+                let prev = r.hosts.get(host).and_then(|p| p.previous_release.clone());
+                let cmd = Cmd::Rollback(pb::Rollback {
+                    service: r.service.clone(),
+                    to_release: prev.unwrap_or_default(),
+                    reason: format!("rollout {} counted this host as unreachable", r.id),
+                });
+                let (t, _) = Self::def_timeouts(&r);
+                match self.fleet.command(host, cmd, t).await {
+                    Ok(x) if x.ok => note.push_str("; rolled back"),
+                    Ok(x) => note.push_str(&format!("; rollback refused: {}", x.error)),
+                    Err(e) => note.push_str(&format!("; rollback failed: {e}")),
+                }
+            }
+            info!(rollout = %r.id, host, note = %note, "reconciled a returned host");
+            self.update(&r.id, |r| {
+                if let Some(p) = r.hosts.get_mut(host) {
+                    p.reason = format!("{}; {note}", p.reason);
+                }
+                Ok(vec![ev(Some(host), "reconciled", note.clone())])
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     /// `rollout rollback <service> [--to]`: every host reporting the service.
     pub async fn rollback_service(&self, service: &str, to: &str) -> Vec<pb::HostProgress> {
         let hosts: Vec<String> = self

@@ -84,6 +84,7 @@ pub async fn run(
         cancel.child_token(),
     );
     engine.resume_all()?;
+    engine.spawn_reconciler();
     let secure = tls.is_some();
     let agent = agent_service::AgentApi {
         fleet,
