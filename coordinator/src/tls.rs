@@ -185,7 +185,7 @@ pub fn check_role(id: &Identity, allowed: &[Role]) -> Result<(), Status> {
     } else {
         ""
     };
-    let article = |r: Role| if r == Role::Agent { "an" } else { "a" };
+    let article = |r: Role| if r == Role::Coordinator { "a" } else { "an" };
     let api = match allowed.first() {
         Some(Role::Operator) => "the control API",
         Some(Role::Agent) => "the agent API",

@@ -36,6 +36,36 @@ pub enum CliError {
         /// Message.
         message: String,
     },
+    /// The coordinator's certificate is not signed by the CA in `--certs`.
+    #[error(
+        "the coordinator at {url} presented a certificate this client does not trust ({message}); --certs DIR must hold ca.pem from the same `rollout certs init` as the coordinator's certificate"
+    )]
+    ServerCertUntrusted {
+        /// URL.
+        url: String,
+        /// TLS message.
+        message: String,
+    },
+    /// A plaintext client against a TLS coordinator.
+    #[error(
+        "the coordinator at {url} did not answer plaintext gRPC ({message}); it most likely serves mutual TLS: use an https:// URL with --certs DIR (--insecure-dev only works against a coordinator started with --insecure-dev)"
+    )]
+    PlaintextRefused {
+        /// URL.
+        url: String,
+        /// Transport message.
+        message: String,
+    },
+    /// The TLS connection was closed under the request.
+    #[error(
+        "the coordinator at {url} closed the connection ({message}); on a first request this means it refused this client's certificate: use the operator certificate from the same `rollout certs init` as the coordinator (--certs DIR); otherwise check that the coordinator is still running"
+    )]
+    ConnectionClosed {
+        /// URL.
+        url: String,
+        /// Transport message.
+        message: String,
+    },
     /// Local files.
     #[error("read {path}: {source}")]
     Read {
@@ -75,7 +105,21 @@ pub enum Output {
     Json,
 }
 
-fn classify(url: &str, s: &tonic::Status) -> CliError {
+/// The innermost message of a status raised by the transport (the connection
+/// failed or closed) rather than by the coordinator's handlers.
+fn transport_detail(s: &tonic::Status) -> Option<String> {
+    let mut src = std::error::Error::source(s);
+    let mut from_transport = false;
+    let mut last = None;
+    while let Some(e) = src {
+        from_transport |= e.is::<tonic::transport::Error>();
+        last = Some(e.to_string());
+        src = e.source();
+    }
+    from_transport.then(|| last.unwrap_or_default())
+}
+
+fn classify(url: &str, plaintext: bool, s: &tonic::Status) -> CliError {
     let msg = s.message().to_string();
     let lower = format!("{msg} {:?}", s).to_lowercase();
     if lower.contains("certificate")
@@ -86,6 +130,22 @@ fn classify(url: &str, s: &tonic::Status) -> CliError {
         return CliError::CertRejected {
             url: url.to_string(),
             message: msg,
+        };
+    }
+    if s.code() != tonic::Code::Unavailable
+        && let Some(detail) = transport_detail(s)
+    {
+        let url = url.to_string();
+        return if plaintext {
+            CliError::PlaintextRefused {
+                url,
+                message: detail,
+            }
+        } else {
+            CliError::ConnectionClosed {
+                url,
+                message: detail,
+            }
         };
     }
     match s.code() {
@@ -106,6 +166,7 @@ fn classify(url: &str, s: &tonic::Status) -> CliError {
 pub struct Client {
     inner: ControlServiceClient<Channel>,
     url: String,
+    plaintext: bool,
 }
 
 impl Client {
@@ -145,12 +206,19 @@ impl Client {
             let detail = std::error::Error::source(&e)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| e.to_string());
+            if !c.insecure_dev && detail.to_lowercase().contains("certificate") {
+                return CliError::ServerCertUntrusted {
+                    url: c.url.clone(),
+                    message: detail,
+                };
+            }
             unreachable(detail)
         })?;
         Ok(Client {
             inner: ControlServiceClient::new(ch)
                 .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES),
             url: c.url.clone(),
+            plaintext: c.insecure_dev || c.url.starts_with("http://"),
         })
     }
 
@@ -160,7 +228,7 @@ impl Client {
     }
 
     fn err(&self, s: tonic::Status) -> CliError {
-        classify(&self.url, &s)
+        classify(&self.url, self.plaintext, &s)
     }
 }
 

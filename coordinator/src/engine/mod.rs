@@ -579,6 +579,45 @@ impl Engine {
             return Ok(());
         }
         let batch = r.batches[i].clone();
+        // Fleet-wide gate: hosts of this rollout that are down or unhealthy
+        // (and not already counted as failed) plus this batch must fit in
+        // max_unavailable.
+        let n: usize = r.hosts.len();
+        let allowed = planner::max_unavailable(&r.strategy, n);
+        loop {
+            let down: Vec<&String> = r
+                .hosts
+                .iter()
+                .filter(|(h, p)| {
+                    !batch.contains(h)
+                        && p.failure.is_none()
+                        && (!self.fleet.connected(h)
+                            || self
+                                .fleet
+                                .service(h, &r.service)
+                                .is_some_and(|s| s.health == pb::Health::Unhealthy as i32))
+                })
+                .map(|(h, _)| h)
+                .collect();
+            if down.len() + batch.len() <= allowed.max(batch.len()) || down.is_empty() {
+                break;
+            }
+            if Self::past_deadline(r) {
+                self.check_halt(
+                    &r.id,
+                    Some(format!(
+                        "progress_deadline passed waiting for unavailable hosts ({}) before batch {i}",
+                        down.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(",")
+                    )),
+                )
+                .await?;
+                return Ok(());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = self.cancel.cancelled() => return Ok(()),
+            }
+        }
         self.update(&r.id, |r| {
             r.message = format!("batch {i}: activating {}", batch.join(","));
             Ok(vec![ev(None, "batch_started", r.message.clone())])
