@@ -34,6 +34,9 @@ pub enum AgentError {
     /// The state store cannot be opened.
     #[error("{0}; is another rollout-agent using the same data directory?")]
     Store(#[from] crate::state::StoreError),
+    /// The config is inconsistent.
+    #[error("config: {0}")]
+    Config(String),
     /// Host statistics are unavailable.
     #[error("cannot read host statistics: {0}")]
     Stats(String),
@@ -64,11 +67,11 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         SysinfoStats::new().map_err(|e| AgentError::Stats(e.to_string()))?,
     ));
     let source = Arc::new(GrpcSource::default());
-    let installer = Arc::new(Installer::new(
-        layout.clone(),
-        config.archive_limits,
-        source.clone(),
-    ));
+    let installer = Arc::new(
+        Installer::new(layout.clone(), config.archive_limits, source.clone())
+            .with_trusted_keys(&config.trusted_keys)
+            .map_err(|e| AgentError::Config(e.to_string()))?,
+    );
     let engine = Engine::start(Deps {
         store,
         installer,

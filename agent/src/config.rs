@@ -61,6 +61,8 @@ struct RawConfig {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
     retain_releases: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     report_interval: Option<Duration>,
@@ -136,6 +138,9 @@ pub struct AgentConfig {
     /// Host-level environment: defaults for every service, and what `${NAME}`
     /// expands to in commands and health checks.
     pub env: BTreeMap<String, String>,
+    /// Release-signing public keys (base64 ed25519); when any is set, only
+    /// releases signed by one of them are staged.
+    pub trusted_keys: Vec<String>,
     /// Root of releases, cache and state.
     pub data_dir: PathBuf,
     /// Local admin socket (mode 0600).
@@ -203,6 +208,10 @@ impl AgentConfig {
         let admin_socket = raw
             .admin_socket
             .unwrap_or_else(|| data_dir.join(ADMIN_SOCKET_NAME));
+        for (i, k) in raw.trusted_keys.iter().enumerate() {
+            crate::update::installer::parse_public_key(k)
+                .map_err(|e| invalid(&format!("trusted_keys[{i}]"), e.to_string()))?;
+        }
         let retain_releases = raw.retain_releases.unwrap_or(DEFAULT_RETAIN);
         if retain_releases < 2 {
             return Err(invalid(
@@ -281,6 +290,7 @@ impl AgentConfig {
             host,
             labels: raw.labels,
             env: raw.env,
+            trusted_keys: raw.trusted_keys,
             data_dir,
             admin_socket,
             retain_releases,
@@ -365,6 +375,7 @@ mod tests {
                 "reconnect",
             ),
             ("[log]\nformat = \"xml\"", "format"),
+            ("trusted_keys = [\"not-a-key\"]", "trusted_keys[0]"),
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();

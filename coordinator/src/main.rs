@@ -67,6 +67,11 @@ enum Cmd {
         #[arg(long)]
         exit_after_demo: bool,
     },
+    /// Release signing (ed25519).
+    Release {
+        #[command(subcommand)]
+        cmd: ReleaseCmd,
+    },
     /// Certificates.
     Certs {
         #[command(subcommand)]
@@ -134,6 +139,25 @@ enum Cmd {
     Events {
         /// Rollout id.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleaseCmd {
+    /// Create a release-signing key pair: release-signing.key (keep it secret)
+    /// and release-signing.pub (goes into agents' trusted_keys).
+    Keygen {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign an artifact: prints the signature for the spec's [artifact] signature.
+    Sign {
+        /// Private key from `rollout release keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The artifact (tar.gz).
+        artifact: PathBuf,
     },
 }
 
@@ -254,6 +278,38 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 && outcome.releases.len() == agents
                 && outcome.releases.iter().all(|(_, r)| r == "v2");
             Ok(ok || !exit_after_demo)
+        }
+        Cmd::Release {
+            cmd: ReleaseCmd::Keygen { out: dir },
+        } => {
+            let public = cli::release::keygen(&dir)?;
+            writeln!(
+                out,
+                "wrote {0}/release-signing.key (secret) and {0}/release-signing.pub",
+                dir.display()
+            )?;
+            writeln!(
+                out,
+                "add to each agent's config: trusted_keys = [{public:?}]"
+            )?;
+            Ok(true)
+        }
+        Cmd::Release {
+            cmd: ReleaseCmd::Sign { key, artifact },
+        } => {
+            let (digest, signature) = cli::release::sign(&key, &artifact)?;
+            match output {
+                Output::Json => writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"digest": digest, "signature": signature})
+                )?,
+                Output::Table => {
+                    writeln!(out, "# {} {digest}", artifact.display())?;
+                    writeln!(out, "signature = {signature:?}")?;
+                }
+            }
+            Ok(true)
         }
         Cmd::Certs {
             cmd: CertsCmd::Init { dir, names, agents },

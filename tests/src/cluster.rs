@@ -142,6 +142,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a coordinator and `n` agents; `env(i)` adds host env for agent i.
     pub async fn start(n: usize, env: impl Fn(usize) -> Vec<(String, String)>) -> Result<Cluster> {
+        Self::start_with(n, env, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra top-level agent config lines.
+    pub async fn start_with(
+        n: usize,
+        env: impl Fn(usize) -> Vec<(String, String)>,
+        extra: &[String],
+    ) -> Result<Cluster> {
         let coord = CoordinatorProc::start().await?;
         let mut agents = Vec::new();
         let mut ports = Vec::new();
@@ -151,6 +160,7 @@ impl Cluster {
             opts.env.push(("PORT".into(), port.to_string()));
             opts.env.extend(env(i));
             opts.labels.push(("role".into(), "web".into()));
+            opts.extra.extend(extra.iter().cloned());
             agents.push(Agent::start(opts).await?);
             ports.push(port);
         }

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod coordinator;
+pub mod tls_cluster;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -185,6 +186,8 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// Labels.
     pub labels: Vec<(String, String)>,
+    /// Extra top-level config lines, e.g. `trusted_keys = [...]`.
+    pub extra: Vec<String>,
 }
 
 impl AgentOptions {
@@ -197,6 +200,7 @@ impl AgentOptions {
             retain: 5,
             env: Vec::new(),
             labels: Vec::new(),
+            extra: Vec::new(),
         }
     }
 }
@@ -246,6 +250,10 @@ impl Agent {
             self.data_dir().display().to_string(),
             self.opts.retain
         );
+        for line in &self.opts.extra {
+            c.push_str(line);
+            c.push('\n');
+        }
         if !self.opts.env.is_empty() {
             c.push_str("[env]\n");
             for (k, v) in &self.opts.env {

@@ -205,6 +205,38 @@ impl ArtifactSource for MemorySource {
 /// the cause and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
+    /// Signed releases are required and this one carries no signature.
+    #[error(
+        "release {release} of service {service} is unsigned, but this agent only accepts releases signed by its trusted_keys; sign the artifact with `rollout release sign` and put the signature in the spec's [artifact] signature"
+    )]
+    Unsigned {
+        /// Service.
+        service: String,
+        /// Release.
+        release: String,
+    },
+    /// The signature does not verify.
+    #[error(
+        "release {release} of service {service} has a bad signature: {reason}; sign it with a key listed in the agent's trusted_keys"
+    )]
+    BadSignature {
+        /// Service.
+        service: String,
+        /// Release.
+        release: String,
+        /// Why.
+        reason: String,
+    },
+    /// A configured trusted key does not parse.
+    #[error(
+        "trusted key {key:?} is not a base64 ed25519 public key ({reason}); use the .pub file written by `rollout release keygen`"
+    )]
+    BadTrustedKey {
+        /// The key as configured.
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// The artifact is over [`ArchiveLimits::max_artifact_bytes`].
     #[error(
         "artifact {digest} is larger than the agent's limit of {limit} bytes (at least {size} \
@@ -397,6 +429,9 @@ pub struct Installer {
     /// One lock per digest, so two services staging the same artifact never
     /// write the same `.part` at once. Never pruned: an agent sees few digests.
     fetch_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Release-signing keys this agent trusts; when any is set, a release
+    /// must carry an ed25519 signature over its digest string by one of them.
+    trusted_keys: Vec<ed25519_dalek::VerifyingKey>,
 }
 
 impl std::fmt::Debug for Installer {
@@ -416,6 +451,51 @@ impl Installer {
             limits,
             source,
             fetch_locks: Mutex::new(HashMap::new()),
+            trusted_keys: Vec::new(),
+        }
+    }
+
+    /// Requires releases signed by one of `keys` (base64 ed25519 public keys).
+    pub fn with_trusted_keys(mut self, keys: &[String]) -> Result<Self, InstallError> {
+        for k in keys {
+            self.trusted_keys.push(parse_public_key(k)?);
+        }
+        Ok(self)
+    }
+
+    /// Checks the release's signature before anything is fetched or unpacked.
+    fn check_signature(&self, def: &ServiceDefinition) -> Result<(), InstallError> {
+        if self.trusted_keys.is_empty() {
+            return Ok(());
+        }
+        let unsigned = || InstallError::Unsigned {
+            service: def.service.clone(),
+            release: def.release.clone(),
+        };
+        let sig_b64 = def.artifact.signature.as_deref().ok_or_else(unsigned)?;
+        let bad = |reason: String| InstallError::BadSignature {
+            service: def.service.clone(),
+            release: def.release.clone(),
+            reason,
+        };
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sig_b64.trim())
+            .map_err(|e| bad(format!("not base64: {e}")))?;
+        let sig = ed25519_dalek::Signature::from_slice(&raw)
+            .map_err(|e| bad(format!("not an ed25519 signature: {e}")))?;
+        let msg = def.artifact.digest.to_string();
+        if self
+            .trusted_keys
+            .iter()
+            .any(|k| k.verify_strict(msg.as_bytes(), &sig).is_ok())
+        {
+            Ok(())
+        } else {
+            Err(bad(format!(
+                "it does not verify for {msg} with any of the {} trusted keys",
+                self.trusted_keys.len()
+            )))
         }
     }
 
@@ -571,6 +651,7 @@ impl Installer {
     pub async fn stage(&self, def: &ServiceDefinition) -> Result<Staged, InstallError> {
         validate_name("service", &def.service)?;
         validate_name("release", &def.release)?;
+        self.check_signature(def)?;
         let (service, release, digest) = (&def.service, &def.release, def.artifact.digest);
         let path = self.layout.release_dir(service, release);
         let marker = marker_path(&self.layout, service, release);
@@ -1059,6 +1140,23 @@ fn hash_into(mut reader: impl Read, hasher: &mut Sha256) -> io::Result<u64> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Parses a base64 ed25519 public key (the `.pub` file of `rollout release keygen`).
+pub fn parse_public_key(k: &str) -> Result<ed25519_dalek::VerifyingKey, InstallError> {
+    use base64::Engine as _;
+    let bad = |reason: String| InstallError::BadTrustedKey {
+        key: k.to_string(),
+        reason,
+    };
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(k.trim())
+        .map_err(|e| bad(e.to_string()))?;
+    let bytes: [u8; 32] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad(format!("{} bytes, want 32", raw.len())))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// sha256 of a file, streaming.
@@ -2587,5 +2685,111 @@ mod tests {
         let full = io_err("write x", io::Error::from(io::ErrorKind::StorageFull));
         assert!(matches!(full, InstallError::NoSpace { .. }));
         assert!(full.to_string().contains("free disk space"), "{full}");
+    }
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use super::*;
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+
+    fn b64(b: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    fn artifact() -> Vec<u8> {
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, "a.txt", &b"abc"[..])
+            .expect("append");
+        tar.into_inner().and_then(|g| g.finish()).expect("finish")
+    }
+
+    fn def(digest: Digest, signature: Option<String>) -> ServiceDefinition {
+        ServiceDefinition {
+            service: "web".into(),
+            release: "v1".into(),
+            artifact: crate::release::Artifact {
+                digest,
+                size: 0,
+                signature,
+            },
+            supervision: crate::release::Supervision::Hooks {
+                start: None,
+                stop: None,
+            },
+            env: Default::default(),
+            hooks: Default::default(),
+            health_checks: vec![],
+            thresholds: Default::default(),
+            min_healthy_time: std::time::Duration::ZERO,
+            healthy_deadline: std::time::Duration::from_secs(1),
+            commit_deadline: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_releases_signed_by_a_trusted_key_are_staged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = Arc::new(MemorySource::default());
+        let digest = source.insert(artifact());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        let trusted = b64(key.verifying_key().as_bytes());
+        let installer = Installer::new(
+            Layout::new(dir.path()),
+            ArchiveLimits::default(),
+            source.clone(),
+        )
+        .with_trusted_keys(std::slice::from_ref(&trusted))
+        .expect("keys");
+        let msg = digest.to_string();
+
+        let err = installer
+            .stage(&def(digest, None))
+            .await
+            .expect_err("unsigned");
+        assert!(matches!(err, InstallError::Unsigned { .. }), "{err}");
+        let bad = b64(&other.sign(msg.as_bytes()).to_bytes());
+        let err = installer
+            .stage(&def(digest, Some(bad)))
+            .await
+            .expect_err("wrong key");
+        assert!(matches!(err, InstallError::BadSignature { .. }), "{err}");
+        let over_other = b64(&key.sign(b"sha256:something-else").to_bytes());
+        let err = installer
+            .stage(&def(digest, Some(over_other)))
+            .await
+            .expect_err("other digest");
+        assert!(matches!(err, InstallError::BadSignature { .. }), "{err}");
+        let err = installer
+            .stage(&def(digest, Some("%%%".into())))
+            .await
+            .expect_err("garbage");
+        assert!(matches!(err, InstallError::BadSignature { .. }), "{err}");
+        // Refused before anything was fetched or unpacked.
+        assert_eq!(source.fetch_count(digest), 0);
+        assert!(!installer.is_staged("web", "v1"));
+
+        let good = b64(&key.sign(msg.as_bytes()).to_bytes());
+        installer
+            .stage(&def(digest, Some(good)))
+            .await
+            .expect("signed release stages");
+        assert!(installer.is_staged("web", "v1"));
+    }
+
+    #[test]
+    fn malformed_trusted_keys_are_refused() {
+        for k in ["", "not base64!", &b64(&[1u8; 31])] {
+            assert!(parse_public_key(k).is_err(), "{k:?} accepted");
+        }
     }
 }

@@ -10,6 +10,8 @@ use rollout_proto::pb;
 use rollout_proto::pb::control_service_client::ControlServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub mod release;
+
 use crate::artifacts::sha256_file;
 use crate::rollout::spec::load_spec;
 
@@ -67,12 +69,12 @@ pub enum CliError {
         message: String,
     },
     /// Local files.
-    #[error("read {path}: {source}")]
+    #[error("read {path}: {error}")]
     Read {
         /// File.
         path: String,
-        /// OS error.
-        source: std::io::Error,
+        /// OS error (not a `source`: the message already shows it once).
+        error: std::io::Error,
     },
     /// The coordinator refused the request.
     #[error("{0}")]
@@ -187,9 +189,11 @@ impl Client {
             })?;
             let read = |name: &str| {
                 let p = dir.join(name);
-                std::fs::read(&p).map_err(|source| CliError::Read {
-                    path: p.display().to_string(),
-                    source,
+                std::fs::read(&p).map_err(|e| {
+                    CliError::Invalid(format!(
+                        "cannot read {}: {e}; --certs DIR must hold ca.pem, operator.pem and operator.key from `rollout certs init`",
+                        p.display()
+                    ))
                 })
             };
             let tls = ClientTlsConfig::new()
@@ -307,18 +311,21 @@ pub async fn deploy(
     out: &mut dyn Write,
 ) -> Result<bool, CliError> {
     let spec = load_spec(spec_path).map_err(|e| CliError::Invalid(e.to_string()))?;
-    let spec_toml = std::fs::read_to_string(spec_path).map_err(|source| CliError::Read {
+    let spec_toml = std::fs::read_to_string(spec_path).map_err(|error| CliError::Read {
         path: spec_path.display().to_string(),
-        source,
+        error,
     })?;
     let mut client = Client::connect(conn).await?;
     let (digest, size) = if dry_run {
         (String::new(), 0)
     } else {
         let path = &spec.artifact.path;
-        let digest = sha256_file(path).map_err(|source| CliError::Read {
-            path: path.display().to_string(),
-            source,
+        let digest = sha256_file(path).map_err(|e| {
+            CliError::Invalid(format!(
+                "artifact {} cannot be read: {e}; check `artifact.path` in {} (a relative path is resolved against the spec file's directory)",
+                path.display(),
+                spec_path.display()
+            ))
         })?;
         if let Some(d) = &spec.artifact.digest
             && d != &digest
@@ -328,9 +335,9 @@ pub async fn deploy(
                 path.display()
             )));
         }
-        let data = std::fs::read(path).map_err(|source| CliError::Read {
+        let data = std::fs::read(path).map_err(|error| CliError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         let size = data.len() as u64;
         let mut chunks: Vec<pb::UploadChunk> = data

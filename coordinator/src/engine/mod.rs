@@ -253,7 +253,7 @@ impl Engine {
         def.artifact = Some(pb::Artifact {
             digest: digest.to_string(),
             size,
-            signature: String::new(),
+            signature: spec.artifact.signature.clone().unwrap_or_default(),
         });
         let n: usize = batches.iter().map(Vec::len).sum();
         let mut hosts = std::collections::BTreeMap::new();
@@ -1161,3 +1161,6 @@ impl Engine {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,6 +12,7 @@
 //! [artifact]                 # required
 //! path = "web-v2.tar.gz"     # required; relative to the spec file's directory; the CLI uploads it
 //! digest = "sha256:<hex>"    # optional; when given the file must match it (see `verify_artifact`)
+//! signature = "<base64>"     # optional; `rollout release sign` output, required by agents with trusted_keys
 //!
 //! [run]                      # required; exactly one mode:
 //! exec = ["./bin/web", "--port", "8080"]  # the agent runs this argv from the release directory
@@ -187,6 +188,9 @@ pub struct ArtifactSpec {
     pub path: PathBuf,
     /// `sha256:<64 lowercase hex>` when the operator pinned the content.
     pub digest: Option<String>,
+    /// Base64 ed25519 signature over the digest string (`rollout release sign`);
+    /// required by agents configured with `trusted_keys`.
+    pub signature: Option<String>,
 }
 
 /// Which hosts a rollout targets: the union of named hosts and label matches.
@@ -496,6 +500,7 @@ struct RawSpec {
 struct RawArtifact {
     path: String,
     digest: Option<String>,
+    signature: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -871,6 +876,7 @@ impl RawArtifact {
         Ok(ArtifactSpec {
             path: spec_dir.join(&self.path),
             digest,
+            signature: self.signature.filter(|s| !s.trim().is_empty()),
         })
     }
 }
