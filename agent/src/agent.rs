@@ -59,8 +59,20 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        // With run_as, the service user must traverse to its release directory
+        // (0711: no listing); state and cache stay private either way.
+        let mode = if config.run_as.is_some() {
+            0o711
+        } else {
+            0o700
+        };
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(mode))
             .map_err(dir_err)?;
+        for private in [layout.state_dir(), layout.cache_dir()] {
+            std::fs::create_dir_all(&private).map_err(dir_err)?;
+            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
+                .map_err(dir_err)?;
+        }
     }
     let store: Arc<dyn StateStore> = Arc::new(SledStore::open(&layout.state_dir())?);
     let stats: Arc<Mutex<dyn HostStats>> = Arc::new(Mutex::new(
@@ -83,6 +95,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             retain_releases: config.retain_releases,
             crash_at: config.crash_at.clone(),
             host_env: config.env.clone(),
+            run_as: config.run_as.as_ref().map(|(_, r)| *r),
         },
     })?;
     let (connected_tx, connected_rx) = watch::channel(false);

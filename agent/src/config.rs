@@ -63,6 +63,7 @@ struct RawConfig {
     env: BTreeMap<String, String>,
     #[serde(default)]
     trusted_keys: Vec<String>,
+    run_as: Option<String>,
     retain_releases: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     report_interval: Option<Duration>,
@@ -141,6 +142,8 @@ pub struct AgentConfig {
     /// Release-signing public keys (base64 ed25519); when any is set, only
     /// releases signed by one of them are staged.
     pub trusted_keys: Vec<String>,
+    /// User (name, uid, gid) services and hooks run as; `None`: the agent's own.
+    pub run_as: Option<(String, crate::release::RunAs)>,
     /// Root of releases, cache and state.
     pub data_dir: PathBuf,
     /// Local admin socket (mode 0600).
@@ -212,6 +215,26 @@ impl AgentConfig {
             crate::update::installer::parse_public_key(k)
                 .map_err(|e| invalid(&format!("trusted_keys[{i}]"), e.to_string()))?;
         }
+        let run_as = match raw.run_as {
+            None => None,
+            Some(name) => {
+                let user = nix::unistd::User::from_name(&name)
+                    .map_err(|e| invalid("run_as", format!("cannot look up user {name:?}: {e}")))?
+                    .ok_or_else(|| {
+                        invalid(
+                            "run_as",
+                            format!("no user {name:?} on this host; create it (e.g. useradd --system {name}) or remove run_as"),
+                        )
+                    })?;
+                Some((
+                    name,
+                    crate::release::RunAs {
+                        uid: user.uid.as_raw(),
+                        gid: user.gid.as_raw(),
+                    },
+                ))
+            }
+        };
         let retain_releases = raw.retain_releases.unwrap_or(DEFAULT_RETAIN);
         if retain_releases < 2 {
             return Err(invalid(
@@ -291,6 +314,7 @@ impl AgentConfig {
             labels: raw.labels,
             env: raw.env,
             trusted_keys: raw.trusted_keys,
+            run_as,
             data_dir,
             admin_socket,
             retain_releases,
@@ -376,6 +400,7 @@ mod tests {
             ),
             ("[log]\nformat = \"xml\"", "format"),
             ("trusted_keys = [\"not-a-key\"]", "trusted_keys[0]"),
+            ("run_as = \"no-such-user-here\"", "run_as"),
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();

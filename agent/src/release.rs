@@ -218,6 +218,15 @@ pub struct Thresholds {
     pub sustained_samples: u32,
 }
 
+/// The unprivileged user services and hooks run as (agent config `run_as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
 /// Everything that defines how one release of one service runs on a host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceDefinition {
@@ -246,6 +255,9 @@ pub struct ServiceDefinition {
     /// Probation ends in rollback without a commit within this long.
     #[serde(with = "humantime_serde")]
     pub commit_deadline: Duration,
+    /// Host setting, never persisted: the user the service and its hooks run as.
+    #[serde(skip)]
+    pub run_as: Option<RunAs>,
 }
 
 /// Default `min_healthy_time`.
@@ -455,6 +467,7 @@ impl TryFrom<pb::ServiceDefinition> for ServiceDefinition {
             },
             healthy_deadline: ms(d.healthy_deadline_ms, DEFAULT_HEALTHY_DEADLINE),
             commit_deadline: ms(d.commit_deadline_ms, DEFAULT_COMMIT_DEADLINE),
+            run_as: None,
         })
     }
 }

@@ -364,3 +364,55 @@ async fn agent_restart_adopts_the_running_service_without_restarting_it() -> Res
     let _ = Duration::ZERO;
     Ok(())
 }
+
+#[tokio::test]
+async fn services_and_hooks_run_as_the_configured_user() -> Result<()> {
+    let coord = FakeCoordinator::start().await?;
+    let mut opts = AgentOptions::new("runas-1", Some(coord.url()));
+    opts.extra.push("run_as = \"nobody\"".into());
+    let agent = Agent::start(opts).await?;
+    // The test's temp dir is private; let the service user traverse it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    coord.wait_connected("runas-1", 1).await?;
+    let port = free_port();
+    let digest = coord.add_artifact(sample_artifact(&["version=v1"]));
+    let mut def = sample_definition(SVC, "v1", &digest, port);
+    // A hook records who ran it.
+    def.hooks = Some(pb::Hooks {
+        after_switch: Some(pb::Command {
+            argv: vec!["sh".into(), "-c".into(), "id -u".into()],
+            timeout_ms: 5000,
+        }),
+        ..Default::default()
+    });
+    coord.stage("runas-1", def).await?;
+    let r = coord.activate("runas-1", SVC, "v1").await?;
+    assert!(r.ok, "{}\n{}", r.error, agent.log());
+    // The service process: found by its working directory, owned by nobody (65534).
+    let root = agent.data_dir().join("services");
+    let uids: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter(|p| std::fs::read_link(p.path().join("cwd")).is_ok_and(|c| c.starts_with(&root)))
+        .filter_map(|p| std::fs::read_to_string(p.path().join("status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+        })
+        .collect();
+    assert!(!uids.is_empty(), "no service process found");
+    assert!(uids.iter().all(|u| u == "65534"), "service uids: {uids:?}");
+    // The hook's output went to the release log: it printed nobody's uid.
+    let log = std::fs::read_to_string(agent.data_dir().join("services/web/logs/v1.log"))?;
+    assert!(log.lines().any(|l| l.trim() == "65534"), "hook log: {log}");
+    // State and cache stay private to the agent.
+    for d in ["state", "cache"] {
+        let mode = std::fs::metadata(agent.data_dir().join(d))?
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700, "{d}");
+    }
+    Ok(())
+}

@@ -37,6 +37,8 @@ pub struct ProbeContext {
     pub release_dir: PathBuf,
     /// Extra environment of exec checks (the release's `env`).
     pub env: BTreeMap<String, String>,
+    /// The user exec checks run as.
+    pub run_as: Option<crate::release::RunAs>,
 }
 
 /// The result of one probe.
@@ -172,7 +174,7 @@ async fn exec(cmd: &Command, check_timeout: Duration, ctx: &ProbeContext) -> Pro
         timeout: cmd.timeout.min(check_timeout),
     };
     let program = cmd.argv.first().map_or("", String::as_str);
-    match run_command(&cmd, &ctx.release_dir, &ctx.env, None).await {
+    match run_command(&cmd, &ctx.release_dir, &ctx.env, None, ctx.run_as).await {
         Ok(()) => ProbeOutcome::Pass,
         Err(CommandError::Spawn { source, .. }) => {
             ProbeOutcome::Fail(format!("exec {program}: {source}"))
@@ -230,6 +232,7 @@ pub async fn run_command(
     cwd: &Path,
     env: &BTreeMap<String, String>,
     log: Option<&Path>,
+    run_as: Option<crate::release::RunAs>,
 ) -> Result<(), CommandError> {
     let Some(program) = cmd.argv.first() else {
         return Err(CommandError::Spawn {
@@ -256,16 +259,19 @@ pub async fn run_command(
                 (Stdio::from(file.try_clone()?), Stdio::from(file))
             }
         };
-        tokio::process::Command::new(&resolved)
-            .args(&cmd.argv[1..])
+        let mut c = tokio::process::Command::new(&resolved);
+        c.args(&cmd.argv[1..])
             .current_dir(cwd)
             .envs(env)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        if let Some(u) = run_as {
+            c.uid(u.uid).gid(u.gid);
+        }
+        c.spawn()
     })
     .await
     .map_err(spawn_err)?;
@@ -452,6 +458,7 @@ mod tests {
         ProbeContext {
             release_dir: dir.to_path_buf(),
             env: BTreeMap::from([("PROBE_VAR".to_owned(), "bar".to_owned())]),
+            run_as: None,
         }
     }
 
@@ -621,7 +628,7 @@ mod tests {
             argv: vec!["sh".into(), "-c".into(), "echo out; echo err >&2".into()],
             timeout: Duration::from_secs(5),
         };
-        run_command(&cmd, dir.path(), &BTreeMap::new(), Some(&log))
+        run_command(&cmd, dir.path(), &BTreeMap::new(), Some(&log), None)
             .await
             .expect("command succeeds");
         let text = std::fs::read_to_string(&log).expect("read log");
@@ -642,7 +649,7 @@ mod tests {
             ],
             timeout: Duration::from_millis(300),
         };
-        let err = run_command(&cmd, dir.path(), &BTreeMap::new(), None)
+        let err = run_command(&cmd, dir.path(), &BTreeMap::new(), None, None)
             .await
             .expect_err("times out");
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
@@ -675,7 +682,7 @@ mod tests {
             argv: vec!["./nope.sh".into()],
             timeout: Duration::from_secs(5),
         };
-        let err = run_command(&missing, dir.path(), &BTreeMap::new(), None)
+        let err = run_command(&missing, dir.path(), &BTreeMap::new(), None, None)
             .await
             .expect_err("missing");
         assert!(matches!(err, CommandError::Spawn { .. }), "{err}");
@@ -684,7 +691,7 @@ mod tests {
             argv: vec!["sh".into(), "-c".into(), "kill -9 $$".into()],
             timeout: Duration::from_secs(5),
         };
-        let err = run_command(&failing, dir.path(), &BTreeMap::new(), None)
+        let err = run_command(&failing, dir.path(), &BTreeMap::new(), None, None)
             .await
             .expect_err("killed");
         match err {

@@ -26,6 +26,7 @@ fn def(service: &str, release: &str) -> ServiceDefinition {
         min_healthy_time: Duration::ZERO,
         healthy_deadline: Duration::from_secs(5),
         commit_deadline: Duration::from_secs(60),
+        run_as: None,
     }
 }
 

@@ -165,12 +165,15 @@ pub struct EngineConfig {
     /// service's environment, and the values `${NAME}` expands to in commands
     /// and health checks.
     pub host_env: std::collections::BTreeMap<String, String>,
+    /// The user services and hooks run as (agent config `run_as`).
+    pub run_as: Option<crate::release::RunAs>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             host_env: Default::default(),
+            run_as: None,
             retain_releases: 5,
             crash_at: None,
         }
@@ -616,11 +619,11 @@ impl Worker {
     fn release_def(&self, release: Option<&str>) -> Result<Option<ServiceDefinition>, EngineError> {
         match release {
             None => Ok(None),
-            Some(r) => {
-                Ok(self.deps.store.release(self.service(), r)?.map(|r| {
-                    crate::release::with_host_env(r.definition, &self.deps.config.host_env)
-                }))
-            }
+            Some(r) => Ok(self.deps.store.release(self.service(), r)?.map(|r| {
+                let mut d = crate::release::with_host_env(r.definition, &self.deps.config.host_env);
+                d.run_as = self.deps.config.run_as;
+                d
+            })),
         }
     }
 
@@ -935,7 +938,7 @@ impl Worker {
         if let Some(parent) = log.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        run_command(cmd, dir, env, Some(log))
+        run_command(cmd, dir, env, Some(log), self.deps.config.run_as)
             .await
             .map_err(|e| StepError {
                 kind: FailureKind::HookFailed,
@@ -984,6 +987,7 @@ impl Worker {
             ProbeContext {
                 env: service_env(def, &dir),
                 release_dir: dir,
+                run_as: def.run_as,
             },
             self.deps.probe.clone(),
             self.deps.stats.clone(),

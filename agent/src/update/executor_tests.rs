@@ -408,6 +408,7 @@ impl Host {
             min_healthy_time: Duration::from_millis(100),
             healthy_deadline: Duration::from_secs(1),
             commit_deadline: Duration::from_secs(60),
+            run_as: None,
         }
     }
 

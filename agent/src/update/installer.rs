@@ -1785,6 +1785,7 @@ mod tests {
             min_healthy_time: Duration::ZERO,
             healthy_deadline: Duration::from_secs(10),
             commit_deadline: Duration::from_secs(10),
+            run_as: None,
         }
     }
 
@@ -2732,6 +2733,7 @@ mod signature_tests {
             min_healthy_time: std::time::Duration::ZERO,
             healthy_deadline: std::time::Duration::from_secs(1),
             commit_deadline: std::time::Duration::from_secs(1),
+            run_as: None,
         }
     }
 

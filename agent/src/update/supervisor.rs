@@ -247,6 +247,7 @@ impl RealSupervisor {
         let dir = release_dir.to_path_buf();
         let log = log.to_path_buf();
         let restart = *restart;
+        let run_as = def.run_as;
         let spawn = move || -> Result<tokio::process::Child, std::io::Error> {
             if let Some(parent) = log.parent() {
                 std::fs::create_dir_all(parent)?;
@@ -256,16 +257,19 @@ impl RealSupervisor {
                 .append(true)
                 .open(&log)?;
             let err = out.try_clone()?;
-            tokio::process::Command::new(&program)
-                .args(&args)
+            let mut c = tokio::process::Command::new(&program);
+            c.args(&args)
                 .current_dir(&dir)
                 .envs(&env)
                 .stdin(std::process::Stdio::null())
                 .stdout(out)
                 .stderr(err)
                 .process_group(0)
-                .kill_on_drop(false)
-                .spawn()
+                .kill_on_drop(false);
+            if let Some(u) = run_as {
+                c.uid(u.uid).gid(u.gid);
+            }
+            c.spawn()
         };
         // The first spawn happens here so that a missing program fails the start.
         let mut first: Option<tokio::process::Child> = None;
@@ -444,6 +448,7 @@ impl Supervisor for RealSupervisor {
                     release_dir,
                     &BTreeMap::new(),
                     Some(log),
+                    None,
                 )
                 .await
                 .map_err(|source| SuperviseError::Command {
@@ -453,15 +458,19 @@ impl Supervisor for RealSupervisor {
                 }),
                 Supervision::Hooks { start, .. } => match start {
                     None => Ok(()),
-                    Some(cmd) => {
-                        run_command(cmd, release_dir, &service_env(def, release_dir), Some(log))
-                            .await
-                            .map_err(|source| SuperviseError::Command {
-                                what: "start script".into(),
-                                service: def.service.clone(),
-                                source,
-                            })
-                    }
+                    Some(cmd) => run_command(
+                        cmd,
+                        release_dir,
+                        &service_env(def, release_dir),
+                        Some(log),
+                        def.run_as,
+                    )
+                    .await
+                    .map_err(|source| SuperviseError::Command {
+                        what: "start script".into(),
+                        service: def.service.clone(),
+                        source,
+                    }),
                 },
             }
         })
@@ -487,6 +496,7 @@ impl Supervisor for RealSupervisor {
                         releases_dir,
                         &BTreeMap::new(),
                         log,
+                        None,
                     )
                     .await
                     .map_err(|source| SuperviseError::Command {
@@ -502,7 +512,7 @@ impl Supervisor for RealSupervisor {
                     d,
                 )) => {
                     let dir = releases_dir.join(&d.release);
-                    run_command(cmd, &dir, &service_env(d, &dir), log)
+                    run_command(cmd, &dir, &service_env(d, &dir), log, d.run_as)
                         .await
                         .map_err(|source| SuperviseError::Command {
                             what: "stop script".into(),
