@@ -579,9 +579,10 @@ impl Engine {
             return Ok(());
         }
         let batch = r.batches[i].clone();
-        // Fleet-wide gate: hosts of this rollout that are down or unhealthy
-        // (and not already counted as failed) plus this batch must fit in
-        // max_unavailable.
+        // Fleet-wide gate: hosts this rollout already changed (earlier
+        // batches) that are now down or unhealthy, plus this batch, must fit
+        // in max_unavailable. Untouched hosts that are offline do not block:
+        // they count as unreachable against the budget when their batch comes.
         let n: usize = r.hosts.len();
         let allowed = planner::max_unavailable(&r.strategy, n);
         loop {
@@ -589,7 +590,8 @@ impl Engine {
                 .hosts
                 .iter()
                 .filter(|(h, p)| {
-                    !batch.contains(h)
+                    p.batch < i
+                        && !batch.contains(h)
                         && p.failure.is_none()
                         && (!self.fleet.connected(h)
                             || self

@@ -1,0 +1,1465 @@
+//! Engine tests against fake agents at the [`Fleet`] level (no network).
+//!
+//! Every fake host registers with the fleet like a real agent's hello, answers
+//! each command on its stream through [`Fleet::on_result`], keeps its own
+//! simulated `ServiceReport` (release, phase, history with the rollout id as
+//! cause) and reports it through [`Fleet::on_report`]. Every command a fake
+//! receives is logged, so tests count activations per host and check order.
+//!
+//! Waits poll the store against a deadline. The only fixed waits are the short
+//! observation windows of negative checks ("nothing is sent while paused").
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rollout_proto::pb;
+use rollout_proto::pb::coordinator_message::Cmd;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Engine;
+use super::model::{Event, Failure, HostProgress, HostState, Rollout, RolloutState, now_ms};
+use crate::artifacts::Artifacts;
+use crate::fleet::Fleet;
+use crate::rollout::planner;
+use crate::rollout::spec::parse_spec;
+use crate::store::Store;
+
+/// How long a test waits for the engine before failing.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// Observation window of a negative check.
+const QUIET: Duration = Duration::from_millis(400);
+
+/// 5 hosts in batches of 2: [host-1, host-2], [host-3, host-4], [host-5].
+const SPEC_BATCH2: &str = r#"
+service = "web"
+release = "v2"
+
+[artifact]
+path = "web-v2.tar.gz"
+
+[run]
+exec = ["./bin/web", "--port", "8080"]
+
+[targets]
+labels = { role = "web" }
+
+[strategy]
+batch_size = 2
+max_unavailable = 2
+max_failures = 1
+"#;
+
+/// One canary host, then everyone (one host at a time), waiting for promote.
+const SPEC_CANARY: &str = r#"
+service = "web"
+release = "v2"
+
+[artifact]
+path = "web-v2.tar.gz"
+
+[run]
+exec = ["./bin/web"]
+
+[targets]
+labels = { role = "web" }
+
+[strategy]
+canary = [1, "100%"]
+pause_after_canary = true
+"#;
+
+// ---- fake agents ----
+
+/// A command as a fake agent received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    host: String,
+    kind: &'static str,
+    release: String,
+}
+
+/// What every fake agent shares: the command log and, to freeze the fleet
+/// mid-rollout, how many commands get answers (later ones are carried out but
+/// never answered, as when the coordinator dies while waiting).
+#[derive(Debug)]
+struct Agents {
+    sent: Mutex<Vec<Sent>>,
+    answered: AtomicUsize,
+}
+
+impl Default for Agents {
+    fn default() -> Self {
+        Agents {
+            sent: Mutex::default(),
+            answered: AtomicUsize::new(usize::MAX),
+        }
+    }
+}
+
+type Log = Arc<Agents>;
+
+/// One simulated agent.
+#[derive(Debug, Default)]
+struct Sim {
+    name: String,
+    /// Activation fails verification (the agent rolls back on its own).
+    fail_activate: AtomicBool,
+    /// Activation happens but its result is never sent (a coordinator crash
+    /// while it waits).
+    hold_activate: AtomicBool,
+    /// The agent switches to the release, then its stream drops (killed mid-batch).
+    die_on_activate: AtomicBool,
+    report: Mutex<pb::ServiceReport>,
+    session: AtomicU64,
+    seq: AtomicU64,
+}
+
+impl Sim {
+    fn new(name: &str) -> Sim {
+        Sim {
+            name: name.to_string(),
+            report: Mutex::new(pb::ServiceReport {
+                service: "web".into(),
+                current_release: "v1".into(),
+                previous_release: String::new(),
+                last_known_good: "v1".into(),
+                phase: pb::Phase::Idle as i32,
+                step: "idle".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(&self) -> pb::ServiceReport {
+        self.report.lock().expect("report").clone()
+    }
+
+    fn report(&self) -> pb::Report {
+        pb::Report {
+            services: vec![self.snapshot()],
+            ..Default::default()
+        }
+    }
+
+    fn history(&self, s: &mut pb::ServiceReport, release: &str, event: &str, cause: &str) {
+        s.recent.push(pb::HistoryEntry {
+            seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+            release: release.to_string(),
+            event: event.to_string(),
+            reason: String::new(),
+            at_ms: now_ms(),
+            cause: cause.to_string(),
+        });
+    }
+
+    /// Changes the simulated service.
+    fn with(&self, f: impl FnOnce(&Sim, &mut pb::ServiceReport)) {
+        let mut s = self.report.lock().expect("report");
+        f(self, &mut s);
+    }
+
+    /// Makes the simulated service "already activated by rollout `cause`":
+    /// on `release` in probation, with the history entry a real agent writes.
+    fn activated(&self, release: &str, cause: &str) {
+        self.with(|me, s| {
+            me.history(s, release, "activating", cause);
+            s.previous_release = std::mem::replace(&mut s.current_release, release.into());
+            s.phase = pb::Phase::Probation as i32;
+            s.step = "probation".into();
+        });
+    }
+
+    /// Handles one command; `None` means no answer is sent.
+    fn handle(&self, fleet: &Fleet, cmd: Cmd) -> Option<(bool, pb::FailureKind, String)> {
+        let ok = Some((true, pb::FailureKind::Unspecified, String::new()));
+        let answer = match cmd {
+            Cmd::Stage(st) => {
+                let release = st.definition.map(|d| d.release).unwrap_or_default();
+                self.with(|me, s| me.history(s, &release, "staged", ""));
+                ok
+            }
+            Cmd::Activate(a) => {
+                if self.fail_activate.load(Ordering::SeqCst) {
+                    // Verification failed; the agent returned to its old release.
+                    self.with(|me, s| {
+                        me.history(s, &a.release, "activating", &a.cause);
+                        let back = s.current_release.clone();
+                        me.history(s, &back, "rolled_back", &a.cause);
+                        s.phase = pb::Phase::Idle as i32;
+                    });
+                    Some((
+                        false,
+                        pb::FailureKind::Unhealthy,
+                        "health check http failed 3 times".to_string(),
+                    ))
+                } else {
+                    self.activated(&a.release, &a.cause);
+                    if self.die_on_activate.load(Ordering::SeqCst) {
+                        fleet.on_report(&self.name, self.report());
+                        fleet.unregister(&self.name, self.session.load(Ordering::SeqCst));
+                        return None;
+                    }
+                    if self.hold_activate.load(Ordering::SeqCst) {
+                        fleet.on_report(&self.name, self.report());
+                        return None;
+                    }
+                    ok
+                }
+            }
+            Cmd::Commit(c) => {
+                let mut done = false;
+                self.with(|me, s| {
+                    let idle = s.phase == pb::Phase::Idle as i32;
+                    if idle && s.current_release == c.release && s.last_known_good == c.release {
+                        // Already committed: like the real agent, a no-op.
+                        done = true;
+                    } else if s.current_release == c.release
+                        && s.phase == pb::Phase::Probation as i32
+                    {
+                        s.phase = pb::Phase::Idle as i32;
+                        s.step = "idle".into();
+                        s.last_known_good = c.release.clone();
+                        me.history(s, &c.release, "committed", "");
+                        done = true;
+                    }
+                });
+                if done {
+                    ok
+                } else {
+                    Some((
+                        false,
+                        pb::FailureKind::Invalid,
+                        format!("{} is not in probation", c.release),
+                    ))
+                }
+            }
+            Cmd::Rollback(rb) => {
+                self.with(|me, s| {
+                    let to = if rb.to_release.is_empty() {
+                        s.last_known_good.clone()
+                    } else {
+                        rb.to_release.clone()
+                    };
+                    s.previous_release = std::mem::replace(&mut s.current_release, to.clone());
+                    s.last_known_good = to.clone();
+                    s.phase = pb::Phase::Idle as i32;
+                    s.step = "idle".into();
+                    me.history(s, &to, "rolled_back", "");
+                });
+                ok
+            }
+            Cmd::Ping(_) => ok,
+        };
+        fleet.on_report(&self.name, self.report());
+        answer
+    }
+}
+
+fn describe(cmd: &Cmd) -> (&'static str, String) {
+    match cmd {
+        Cmd::Stage(s) => (
+            "stage",
+            s.definition
+                .as_ref()
+                .map(|d| d.release.clone())
+                .unwrap_or_default(),
+        ),
+        Cmd::Activate(a) => ("activate", a.release.clone()),
+        Cmd::Commit(c) => ("commit", c.release.clone()),
+        Cmd::Rollback(r) => ("rollback", r.to_release.clone()),
+        Cmd::Ping(_) => ("ping", String::new()),
+    }
+}
+
+/// Connects `sim` to `fleet` (a hello with its full report) and answers its
+/// commands until the stream ends.
+fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
+    let (tx, mut rx) = mpsc::channel(64);
+    let hello = pb::Hello {
+        host: sim.name.clone(),
+        labels: [("role".to_string(), "web".to_string())].into(),
+        agent_version: "fake".into(),
+        report: Some(sim.report()),
+    };
+    let session = fleet.register(&hello, "test".into(), tx);
+    sim.session.store(session, Ordering::SeqCst);
+    let (fleet, sim, log) = (fleet.clone(), sim.clone(), log.clone());
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = rx.recv().await {
+            let Some(cmd) = msg.cmd else { continue };
+            let (kind, release) = describe(&cmd);
+            let nth = {
+                let mut sent = log.sent.lock().expect("log");
+                sent.push(Sent {
+                    host: sim.name.clone(),
+                    kind,
+                    release,
+                });
+                sent.len()
+            };
+            let frozen = nth > log.answered.load(Ordering::SeqCst);
+            let dies = kind == "activate" && sim.die_on_activate.load(Ordering::SeqCst);
+            let answer = sim.handle(&fleet, cmd);
+            if let Some((ok, failure, error)) = answer.filter(|_| !frozen) {
+                fleet.on_result(
+                    &sim.name,
+                    pb::CommandResult {
+                        command_id: msg.command_id,
+                        ok,
+                        failure: failure as i32,
+                        error,
+                        service: Some(sim.snapshot()),
+                    },
+                );
+            }
+            if dies {
+                return;
+            }
+        }
+    });
+}
+
+// ---- harness ----
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Store,
+    fleet: Arc<Fleet>,
+    artifacts: Artifacts,
+    digest: String,
+    size: u64,
+    log: Log,
+    sims: BTreeMap<String, Arc<Sim>>,
+}
+
+fn host(i: usize) -> String {
+    format!("host-{i}")
+}
+
+impl Harness {
+    /// `n` connected fake hosts `host-1..=host-n`, all on v1, plus a stored
+    /// artifact.
+    async fn new(n: usize) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        let artifacts = Artifacts::new(dir.path().join("artifacts"), 1 << 20);
+        let mut up = artifacts.begin().await.expect("upload");
+        up.write(b"web v2 release tarball").await.expect("write");
+        let (digest, size) = artifacts.finish(up, None).await.expect("finish");
+        let fleet = Arc::new(Fleet::new(store.clone()));
+        let log: Log = Arc::default();
+        let mut sims = BTreeMap::new();
+        for i in 1..=n {
+            let sim = Arc::new(Sim::new(&host(i)));
+            connect(&fleet, &sim, &log);
+            sims.insert(host(i), sim);
+        }
+        Harness {
+            _dir: dir,
+            store,
+            fleet,
+            artifacts,
+            digest,
+            size,
+            log,
+            sims,
+        }
+    }
+
+    fn sim(&self, host: &str) -> &Arc<Sim> {
+        self.sims.get(host).expect("known fake host")
+    }
+
+    fn engine(&self) -> Arc<Engine> {
+        Engine::new(
+            self.store.clone(),
+            self.fleet.clone(),
+            self.artifacts.clone(),
+            CancellationToken::new(),
+        )
+    }
+
+    /// A restarted coordinator's registry: every fake agent reconnects with a
+    /// hello carrying its full report.
+    fn restart_fleet(&mut self) {
+        self.fleet = Arc::new(Fleet::new(self.store.clone()));
+        for sim in self.sims.values() {
+            connect(&self.fleet, sim, &self.log);
+        }
+    }
+
+    /// Changes a fake host's service and reports it.
+    fn set(&self, host: &str, f: impl FnOnce(&Sim, &mut pb::ServiceReport)) {
+        let sim = self.sim(host);
+        sim.with(f);
+        self.fleet.on_report(host, sim.report());
+    }
+
+    /// A fake host that is on `release` for good (committed earlier).
+    fn committed(&self, host: &str, release: &str, cause: &str) {
+        self.set(host, |me, s| {
+            me.history(s, release, "activating", cause);
+            me.history(s, release, "committed", cause);
+            s.previous_release = std::mem::replace(&mut s.current_release, release.into());
+            s.last_known_good = release.into();
+            s.phase = pb::Phase::Idle as i32;
+        });
+    }
+
+    fn sent(&self) -> Vec<Sent> {
+        self.log.sent.lock().expect("log").clone()
+    }
+
+    fn count(&self, host: &str, kind: &str) -> usize {
+        self.sent()
+            .iter()
+            .filter(|s| s.host == host && s.kind == kind)
+            .count()
+    }
+
+    fn get(&self, id: &str) -> Rollout {
+        self.store
+            .rollout(id)
+            .expect("read rollout")
+            .expect("rollout exists")
+    }
+
+    fn dump(&self, r: &Rollout) -> String {
+        let hosts: Vec<String> = r
+            .hosts
+            .iter()
+            .map(|(h, p)| format!("{h}={}/{:?}", p.state.name(), p.failure))
+            .collect();
+        let events: Vec<String> = self
+            .store
+            .events(&r.id)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| format!("{} {:?} {}", e.kind, e.host, e.message))
+            .collect();
+        format!(
+            "rollout {} is {} (batch {}, {:?}); hosts {hosts:?}; commands {:?}; events {events:#?}",
+            r.id,
+            r.state.name(),
+            r.current_batch,
+            r.message,
+            self.sent()
+        )
+    }
+
+    /// Polls the store until `pred` holds.
+    async fn wait_until(&self, id: &str, what: &str, pred: impl Fn(&Rollout) -> bool) -> Rollout {
+        let end = Instant::now() + PATIENCE;
+        loop {
+            let r = self.get(id);
+            if pred(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}: {}",
+                self.dump(&r)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Polls until the rollout is in `state`; fails at once on another
+    /// terminal state.
+    async fn wait_state(&self, id: &str, state: RolloutState) -> Rollout {
+        let r = self
+            .wait_until(id, state.name(), |r| {
+                r.state == state || r.state.is_terminal()
+            })
+            .await;
+        assert_eq!(r.state, state, "{}", self.dump(&r));
+        r
+    }
+
+    /// Nothing reaches any fake agent for a while.
+    async fn assert_quiet(&self, what: &str) {
+        let before = self.sent().len();
+        tokio::time::sleep(QUIET).await;
+        let after = self.sent();
+        assert_eq!(
+            after.len(),
+            before,
+            "{what}: commands were sent: {:?}",
+            &after[before..]
+        );
+    }
+
+    /// A rollout of `spec` as the store would hold it, in `state` at
+    /// `current_batch`, each host in its given state (others `Pending`); saved.
+    fn persist(
+        &self,
+        id: &str,
+        spec: &str,
+        state: RolloutState,
+        current_batch: usize,
+        states: &[(&str, HostState)],
+    ) -> Rollout {
+        let spec = parse_spec(spec, Path::new(".")).expect("spec");
+        let hosts =
+            planner::select_hosts(&spec.targets, &self.fleet.labels()).expect("select hosts");
+        self.persist_hosts(id, spec, hosts, state, current_batch, states)
+    }
+
+    fn persist_hosts(
+        &self,
+        id: &str,
+        spec: crate::rollout::spec::DeploySpec,
+        hosts: Vec<String>,
+        state: RolloutState,
+        current_batch: usize,
+        states: &[(&str, HostState)],
+    ) -> Rollout {
+        let batches = planner::plan_batches(&hosts, &spec.strategy);
+        let mut def = spec.definition.clone();
+        def.artifact = Some(pb::Artifact {
+            digest: self.digest.clone(),
+            size: self.size,
+            signature: String::new(),
+        });
+        let mut progress = BTreeMap::new();
+        for (i, b) in batches.iter().enumerate() {
+            for h in b {
+                let st = states
+                    .iter()
+                    .find(|(x, _)| x == h)
+                    .map(|(_, s)| *s)
+                    .unwrap_or(HostState::Pending);
+                let touched = !matches!(st, HostState::Pending | HostState::Staged);
+                progress.insert(
+                    h.clone(),
+                    HostProgress {
+                        state: st,
+                        batch: i,
+                        failure: (st == HostState::Failed).then_some(Failure::Unhealthy),
+                        reason: String::new(),
+                        previous_release: touched.then(|| "v1".to_string()),
+                    },
+                );
+            }
+        }
+        let now = now_ms();
+        let n = hosts.len();
+        let r = Rollout {
+            id: id.to_string(),
+            service: spec.service.clone(),
+            release: spec.release.clone(),
+            definition: prost::Message::encode_to_vec(&def),
+            failure_budget: planner::failure_budget(&spec.strategy, n),
+            pause_points: planner::pause_points(&batches, &spec.strategy),
+            strategy: spec.strategy.clone(),
+            batches,
+            state,
+            resume_state: None,
+            current_batch,
+            aborted: false,
+            hosts: progress,
+            message: "persisted by a test".into(),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.save(&r);
+        r
+    }
+
+    fn save(&self, r: &Rollout) {
+        let e = Event {
+            seq: 0,
+            at_ms: now_ms(),
+            host: None,
+            kind: "created".into(),
+            message: "by a test".into(),
+        };
+        self.store.save_rollout(r, &[e]).expect("save rollout");
+    }
+}
+
+fn index_of(log: &[Sent], host: &str, kind: &str) -> Option<usize> {
+    log.iter().position(|s| s.host == host && s.kind == kind)
+}
+
+/// Every host `Committed`, activated exactly once, never rolled back.
+fn assert_all_committed_once(h: &Harness, r: &Rollout) {
+    for (host, p) in &r.hosts {
+        assert_eq!(p.state, HostState::Committed, "{host}: {}", h.dump(r));
+        assert_eq!(h.count(host, "activate"), 1, "{host}: {}", h.dump(r));
+        assert_eq!(h.count(host, "rollback"), 0, "{host}: {}", h.dump(r));
+        let s = h.sim(host).snapshot();
+        assert_eq!(
+            (s.current_release.as_str(), s.last_known_good.as_str()),
+            ("v2", "v2"),
+            "{host}"
+        );
+    }
+}
+
+// ---- a rolling deploy ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_updates_every_host_once_in_batch_order() {
+    let h = Harness::new(5).await;
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert_eq!(
+        r.batches,
+        vec![
+            vec![host(1), host(2)],
+            vec![host(3), host(4)],
+            vec![host(5)]
+        ]
+    );
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+    assert_eq!(r.current_batch, 3);
+
+    let log = h.sent();
+    for i in 1..=5 {
+        assert_eq!(h.count(&host(i), "stage"), 1, "{log:?}");
+        assert_eq!(h.count(&host(i), "commit"), 1, "{log:?}");
+    }
+    // Staged everywhere before the first activation.
+    let first_activate = log
+        .iter()
+        .position(|s| s.kind == "activate")
+        .expect("activations");
+    assert!(
+        log[..first_activate]
+            .iter()
+            .filter(|s| s.kind == "stage")
+            .count()
+            == 5,
+        "{log:?}"
+    );
+    // No activation of batch k+1 before every commit of batch k.
+    for k in 1..r.batches.len() {
+        let last_commit = r.batches[k - 1]
+            .iter()
+            .map(|x| index_of(&log, x, "commit").expect("commit"))
+            .max()
+            .expect("batch");
+        for x in &r.batches[k] {
+            let a = index_of(&log, x, "activate").expect("activate");
+            assert!(
+                a > last_commit,
+                "{x} activated before batch {} committed: {log:?}",
+                k - 1
+            );
+        }
+    }
+    // Never more than max_unavailable (2) hosts between activate and commit.
+    let mut in_flight = std::collections::BTreeSet::new();
+    for s in &log {
+        match s.kind {
+            "activate" => {
+                in_flight.insert(s.host.clone());
+            }
+            "commit" | "rollback" => {
+                in_flight.remove(&s.host);
+            }
+            _ => {}
+        }
+        assert!(in_flight.len() <= 2, "{in_flight:?} at once: {log:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_mid_activation_then_restarted_updates_each_host_once() {
+    let mut h = Harness::new(5).await;
+    // host-3's activation happens but its result never reaches the first
+    // coordinator.
+    h.sim(&host(3)).hold_activate.store(true, Ordering::SeqCst);
+
+    let rt1 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let engine1 = h.engine();
+    let id = {
+        let _in_rt1 = rt1.enter();
+        engine1
+            .deploy(SPEC_BATCH2, &h.digest, h.size)
+            .expect("deploy")
+            .id
+    };
+    let log = h.log.clone();
+    h.wait_until(&id, "host-3 activating, host-4 in probation", |r| {
+        r.hosts[&host(3)].state == HostState::Activating
+            && r.hosts[&host(4)].state == HostState::Probation
+            && log
+                .sent
+                .lock()
+                .expect("log")
+                .iter()
+                .any(|s| s.host == host(3) && s.kind == "activate")
+    })
+    .await;
+    // kill -9: every task of the first coordinator dies where it stands.
+    tokio::task::spawn_blocking(move || drop(rt1))
+        .await
+        .expect("kill the first coordinator");
+    drop(engine1);
+    h.sim(&host(3)).hold_activate.store(false, Ordering::SeqCst);
+    let r = h.get(&id);
+    assert_eq!(r.state, RolloutState::Running, "{}", h.dump(&r));
+    assert_eq!(r.current_batch, 1, "{}", h.dump(&r));
+
+    // Restart: agents reconnect, the engine resumes from the store.
+    h.restart_fleet();
+    let engine2 = h.engine();
+    engine2.resume_all().expect("resume");
+    let r = h.wait_state(&id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+    let events = h.store.events(&id).expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "reconciled" && e.host.as_deref() == Some("host-3")),
+        "{}",
+        h.dump(&r)
+    );
+    engine2.shutdown().await;
+}
+
+/// Deploys `SPEC_BATCH2` with a first coordinator whose fleet answers only
+/// `answered` commands (later ones are carried out, never answered), kills it
+/// (`kill -9`: its tasks die where they stand) once command `answered + 1`
+/// reached its agent, then resumes with a second coordinator and waits for the
+/// rollout to end in `end`.
+async fn crash_after(answered: usize, failing: &[usize], end: RolloutState) -> (Harness, Rollout) {
+    let mut h = Harness::new(5).await;
+    for i in failing {
+        h.sim(&host(*i)).fail_activate.store(true, Ordering::SeqCst);
+    }
+    h.log.answered.store(answered, Ordering::SeqCst);
+    let rt1 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let engine1 = h.engine();
+    let id = {
+        let _in_rt1 = rt1.enter();
+        engine1
+            .deploy(SPEC_BATCH2, &h.digest, h.size)
+            .expect("deploy")
+            .id
+    };
+    let log = h.log.clone();
+    h.wait_until(&id, &format!("command {}", answered + 1), |_| {
+        log.sent.lock().expect("log").len() > answered
+    })
+    .await;
+    tokio::task::spawn_blocking(move || drop(rt1))
+        .await
+        .expect("kill the first coordinator");
+    drop(engine1);
+    let at_crash = h.get(&id);
+    h.log.answered.store(usize::MAX, Ordering::SeqCst);
+    h.restart_fleet();
+    let engine2 = h.engine();
+    engine2.resume_all().expect("resume");
+    let r = h
+        .wait_until(&id, end.name(), |r| r.state.is_terminal())
+        .await;
+    assert_eq!(
+        r.state,
+        end,
+        "killed after {answered} answers in state {}: {}",
+        at_crash.state.name(),
+        h.dump(&r)
+    );
+    engine2.shutdown().await;
+    (h, r)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_at_every_command_finishes_with_each_host_updated_once() {
+    // 5 stages, then activate + commit per host: 15 commands.
+    for answered in 0..15 {
+        let (h, r) = crash_after(answered, &[], RolloutState::Succeeded).await;
+        for (host, p) in &r.hosts {
+            assert_eq!(
+                (p.state, p.failure),
+                (HostState::Committed, None),
+                "{host}, killed after {answered} answers: {}",
+                h.dump(&r)
+            );
+            assert_eq!(
+                h.count(host, "activate"),
+                1,
+                "{host}, killed after {answered} answers: {}",
+                h.dump(&r)
+            );
+            assert_eq!(h.count(host, "rollback"), 0, "{}", h.dump(&r));
+            assert_eq!(h.sim(host).snapshot().last_known_good, "v2");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_at_every_command_of_a_failing_rollout_rolls_back_once() {
+    // 5 stages, batch 0 activated and committed, batch 1 fails (2 activations),
+    // batch 0 rolled back: 13 commands.
+    for answered in 0..13 {
+        let (h, r) = crash_after(answered, &[3, 4], RolloutState::RolledBack).await;
+        let why = format!("killed after {answered} answers: {}", h.dump(&r));
+        for i in 1..=4 {
+            assert_eq!(h.count(&host(i), "activate"), 1, "host-{i}, {why}");
+        }
+        assert_eq!(h.count(&host(5), "activate"), 0, "{why}");
+        for i in [1, 2] {
+            assert_eq!(r.hosts[&host(i)].state, HostState::RolledBack, "{why}");
+            assert_eq!(h.sim(&host(i)).snapshot().current_release, "v1", "{why}");
+        }
+        for i in 1..=5 {
+            assert_eq!(h.sim(&host(i)).snapshot().current_release, "v1", "{why}");
+        }
+        assert_eq!(r.failures(), 2, "{why}");
+    }
+}
+
+// ---- resume from every persisted state ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_staging_stages_only_pending_hosts() {
+    let h = Harness::new(5).await;
+    let r = h.persist(
+        "r-staging",
+        SPEC_BATCH2,
+        RolloutState::Staging,
+        0,
+        &[(&host(1), HostState::Staged), (&host(2), HostState::Staged)],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+    for (i, n) in [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)] {
+        assert_eq!(h.count(&host(i), "stage"), n, "host-{i}: {}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_running_skips_committed_batch() {
+    let h = Harness::new(5).await;
+    let id = "r-running";
+    for i in [1, 2] {
+        h.committed(&host(i), "v2", id);
+    }
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Running,
+        1,
+        &[
+            (&host(1), HostState::Committed),
+            (&host(2), HostState::Committed),
+            (&host(3), HostState::Staged),
+            (&host(4), HostState::Staged),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    for i in [1, 2] {
+        let got: Vec<Sent> = h.sent().into_iter().filter(|s| s.host == host(i)).collect();
+        assert!(got.is_empty(), "host-{i} was done: {got:?}");
+    }
+    for (host, p) in &r.hosts {
+        assert_eq!(p.state, HostState::Committed, "{host}: {}", h.dump(&r));
+    }
+    for i in 3..=5 {
+        assert_eq!(h.count(&host(i), "activate"), 1, "{}", h.dump(&r));
+        assert_eq!(h.count(&host(i), "commit"), 1, "{}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_activating_host_that_activated_is_not_activated_again() {
+    let h = Harness::new(5).await;
+    let id = "r-activated";
+    for i in [1, 2] {
+        h.committed(&host(i), "v2", id);
+    }
+    // host-3 got the activation before the crash; host-4 reached probation
+    // and was journaled so.
+    for i in [3, 4] {
+        h.sim(&host(i)).activated("v2", id);
+        h.fleet.on_report(&host(i), h.sim(&host(i)).report());
+    }
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Running,
+        1,
+        &[
+            (&host(1), HostState::Committed),
+            (&host(2), HostState::Committed),
+            (&host(3), HostState::Activating),
+            (&host(4), HostState::Probation),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    for i in [3, 4] {
+        assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
+        assert_eq!(h.count(&host(i), "commit"), 1, "{}", h.dump(&r));
+    }
+    assert_eq!(h.count(&host(5), "activate"), 1, "{}", h.dump(&r));
+    for (host, p) in &r.hosts {
+        assert_eq!(p.state, HostState::Committed, "{host}: {}", h.dump(&r));
+    }
+    assert_eq!(h.sim(&host(3)).snapshot().last_known_good, "v2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_probation_host_whose_commit_landed_is_committed_not_failed() {
+    let h = Harness::new(5).await;
+    let id = "r-commit-landed";
+    // host-1 and host-2 committed on the agents, but the coordinator died
+    // before journaling it.
+    for i in [1, 2] {
+        h.committed(&host(i), "v2", id);
+    }
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Running,
+        0,
+        &[
+            (&host(1), HostState::Probation),
+            (&host(2), HostState::Probation),
+            (&host(3), HostState::Staged),
+            (&host(4), HostState::Staged),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    for (host, p) in &r.hosts {
+        assert_eq!(
+            (p.state, p.failure),
+            (HostState::Committed, None),
+            "{host}: {}",
+            h.dump(&r)
+        );
+    }
+    for i in [1, 2] {
+        assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_probation_host_that_rolled_back_meanwhile_counts_as_failed() {
+    let h = Harness::new(5).await;
+    let id = "r-probation-expired";
+    // host-1's commit deadline passed while the coordinator was down: the
+    // agent returned to v1 on its own.
+    h.set(&host(1), |me, s| {
+        me.history(s, "v2", "activating", id);
+        me.history(s, "v1", "rolled_back", id);
+    });
+    h.sim(&host(2)).activated("v2", id);
+    h.fleet.on_report(&host(2), h.sim(&host(2)).report());
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Running,
+        0,
+        &[
+            (&host(1), HostState::Probation),
+            (&host(2), HostState::Probation),
+            (&host(3), HostState::Staged),
+            (&host(4), HostState::Staged),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let p = &r.hosts[&host(1)];
+    assert_eq!(
+        (p.state, p.failure),
+        (HostState::Failed, Some(Failure::RolledBackByHost)),
+        "{}",
+        h.dump(&r)
+    );
+    assert_eq!(h.sim(&host(1)).snapshot().current_release, "v1");
+    for i in 2..=5 {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+    }
+    for i in [1, 2] {
+        assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_activating_host_that_never_got_it_is_activated_once() {
+    let h = Harness::new(5).await;
+    let id = "r-lost-activate";
+    for i in [1, 2] {
+        h.committed(&host(i), "v2", id);
+    }
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Running,
+        1,
+        &[
+            (&host(1), HostState::Committed),
+            (&host(2), HostState::Committed),
+            (&host(3), HostState::Activating),
+            (&host(4), HostState::Staged),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    for i in 3..=5 {
+        assert_eq!(h.count(&host(i), "activate"), 1, "{}", h.dump(&r));
+    }
+    for i in [1, 2] {
+        assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
+    }
+    assert_eq!(r.hosts[&host(3)].state, HostState::Committed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_activating_host_that_rolled_back_on_its_own_counts_as_failed() {
+    let h = Harness::new(5).await;
+    let id = "r-host-rolled-back";
+    for i in [1, 2] {
+        h.committed(&host(i), "v2", id);
+    }
+    // host-3 activated, failed verification and returned to v1 while the
+    // coordinator was down.
+    h.set(&host(3), |me, s| {
+        me.history(s, "v2", "activating", id);
+        me.history(s, "v1", "rolled_back", id);
+    });
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Running,
+        1,
+        &[
+            (&host(1), HostState::Committed),
+            (&host(2), HostState::Committed),
+            (&host(3), HostState::Activating),
+            (&host(4), HostState::Staged),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let p = &r.hosts[&host(3)];
+    assert_eq!(
+        (p.state, p.failure),
+        (HostState::Failed, Some(Failure::RolledBackByHost)),
+        "{}",
+        h.dump(&r)
+    );
+    assert_eq!(h.count(&host(3), "activate"), 0, "{}", h.dump(&r));
+    for i in [4, 5] {
+        assert_eq!(r.hosts[&host(i)].state, HostState::Committed);
+        assert_eq!(h.count(&host(i), "activate"), 1, "{}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_paused_waits_for_resume() {
+    let h = Harness::new(5).await;
+    let id = "r-paused";
+    for i in [1, 2] {
+        h.committed(&host(i), "v2", id);
+    }
+    let mut r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::Paused,
+        1,
+        &[
+            (&host(1), HostState::Committed),
+            (&host(2), HostState::Committed),
+            (&host(3), HostState::Staged),
+            (&host(4), HostState::Staged),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    r.resume_state = Some(RolloutState::Running);
+    h.save(&r);
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    h.assert_quiet("a paused rollout").await;
+    assert_eq!(h.get(id).state, RolloutState::Paused);
+    // promote is refused while paused.
+    assert!(engine.promote(id).await.is_err());
+    engine.resume(id).await.expect("resume");
+    let r = h.wait_state(id, RolloutState::Succeeded).await;
+    for i in 3..=5 {
+        assert_eq!(h.count(&host(i), "activate"), 1, "{}", h.dump(&r));
+    }
+    for (host, p) in &r.hosts {
+        assert_eq!(p.state, HostState::Committed, "{host}: {}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_waiting_promote_continues_after_promote() {
+    let h = Harness::new(5).await;
+    let id = "r-waiting";
+    h.committed(&host(1), "v2", id);
+    let staged: Vec<(String, HostState)> = (2..=5).map(|i| (host(i), HostState::Staged)).collect();
+    let mut states: Vec<(&str, HostState)> = staged.iter().map(|(x, s)| (x.as_str(), *s)).collect();
+    let h1 = host(1);
+    states.push((&h1, HostState::Committed));
+    let r = h.persist(id, SPEC_CANARY, RolloutState::WaitingPromote, 1, &states);
+    assert_eq!(r.batches.len(), 5);
+    assert!(r.pause_points.contains(&0), "{:?}", r.pause_points);
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    h.assert_quiet("a rollout waiting for promote").await;
+    assert_eq!(h.get(id).state, RolloutState::WaitingPromote);
+    engine.promote(id).await.expect("promote");
+    let r = h.wait_state(id, RolloutState::Succeeded).await;
+    assert_eq!(h.count(&host(1), "activate"), 0);
+    for i in 2..=5 {
+        assert_eq!(h.count(&host(i), "activate"), 1, "{}", h.dump(&r));
+    }
+    for (host, p) in &r.hosts {
+        assert_eq!(p.state, HostState::Committed, "{host}: {}", h.dump(&r));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_rolling_back_skips_hosts_already_rolled_back() {
+    let h = Harness::new(5).await;
+    let id = "r-rolling-back";
+    for i in [1, 3] {
+        h.committed(&host(i), "v2", id);
+    }
+    // host-2 was rolled back before the crash: back on v1.
+    h.set(&host(2), |me, s| {
+        me.history(s, "v2", "activating", id);
+        me.history(s, "v1", "rolled_back", id);
+    });
+    let r = h.persist(
+        id,
+        SPEC_BATCH2,
+        RolloutState::RollingBack,
+        1,
+        &[
+            (&host(1), HostState::Committed),
+            (&host(2), HostState::RolledBack),
+            (&host(3), HostState::Committed),
+            (&host(4), HostState::Failed),
+            (&host(5), HostState::Staged),
+        ],
+    );
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::RolledBack).await;
+    let log = h.sent();
+    assert!(log.iter().all(|s| s.kind == "rollback"), "{log:?}");
+    for i in [1, 3] {
+        assert_eq!(h.count(&host(i), "rollback"), 1, "{log:?}");
+        assert_eq!(r.hosts[&host(i)].state, HostState::RolledBack);
+        assert_eq!(h.sim(&host(i)).snapshot().current_release, "v1");
+    }
+    for i in [2, 4, 5] {
+        assert_eq!(h.count(&host(i), "rollback"), 0, "{log:?}");
+    }
+    assert!(
+        log.iter().all(|s| s.release == "v1"),
+        "rollback target: {log:?}"
+    );
+    // Newest batch first.
+    assert!(
+        index_of(&log, &host(3), "rollback") < index_of(&log, &host(1), "rollback"),
+        "{log:?}"
+    );
+    assert_eq!(
+        (r.hosts[&host(2)].state, r.hosts[&host(4)].state),
+        (HostState::RolledBack, HostState::Failed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_ignores_finished_rollouts() {
+    let h = Harness::new(5).await;
+    let ended = [
+        RolloutState::Succeeded,
+        RolloutState::Failed,
+        RolloutState::RolledBack,
+        RolloutState::Aborted,
+    ];
+    for state in ended {
+        // Host states a live watcher would act on, to be sure none does.
+        h.persist(
+            &format!("r-{}", state.name()),
+            SPEC_BATCH2,
+            state,
+            1,
+            &[
+                (&host(1), HostState::Committed),
+                (&host(3), HostState::Activating),
+                (&host(4), HostState::Probation),
+            ],
+        );
+    }
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    assert_eq!(
+        engine.tasks.len(),
+        0,
+        "a watcher started for a finished rollout"
+    );
+    h.assert_quiet("finished rollouts").await;
+    for state in ended {
+        assert_eq!(h.get(&format!("r-{}", state.name())).state, state);
+    }
+    // The check above can fail: an unfinished rollout does get a watcher.
+    h.persist("r-paused", SPEC_BATCH2, RolloutState::Paused, 0, &[]);
+    engine.resume_all().expect("resume");
+    assert_eq!(engine.tasks.len(), 1);
+    engine.shutdown().await;
+    assert!(h.sent().is_empty(), "{:?}", h.sent());
+}
+
+// ---- failure budget, abort, promote ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_budget_the_fleet_is_rolled_back() {
+    let h = Harness::new(5).await;
+    for i in [3, 4] {
+        h.sim(&host(i)).fail_activate.store(true, Ordering::SeqCst);
+    }
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert_eq!(r.failure_budget, 1);
+    let r = h.wait_state(&r.id, RolloutState::RolledBack).await;
+    let log = h.sent();
+    for i in [1, 2] {
+        let rb: Vec<&Sent> = log
+            .iter()
+            .filter(|s| s.host == host(i) && s.kind == "rollback")
+            .collect();
+        assert_eq!(rb.len(), 1, "{log:?}");
+        assert_eq!(rb[0].release, "v1");
+        assert_eq!(r.hosts[&host(i)].state, HostState::RolledBack);
+        assert_eq!(h.sim(&host(i)).snapshot().current_release, "v1");
+    }
+    for i in [3, 4] {
+        let p = &r.hosts[&host(i)];
+        assert_eq!(
+            (p.state, p.failure),
+            (HostState::Failed, Some(Failure::Unhealthy)),
+            "{}",
+            h.dump(&r)
+        );
+        assert_eq!(h.count(&host(i), "activate"), 1);
+        // It rolled back on its own; nothing more to do there.
+        assert_eq!(h.count(&host(i), "rollback"), 0, "{log:?}");
+    }
+    assert_eq!(h.count(&host(5), "activate"), 0, "{log:?}");
+    assert_eq!(r.failures(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_failure_within_budget_continues() {
+    let h = Harness::new(5).await;
+    h.sim(&host(3)).fail_activate.store(true, Ordering::SeqCst);
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_eq!(r.hosts[&host(3)].failure, Some(Failure::Unhealthy));
+    for i in [1, 2, 4, 5] {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+        assert_eq!(h.count(&host(i), "activate"), 1);
+    }
+    assert_eq!(h.sent().iter().filter(|s| s.kind == "rollback").count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn canary_waits_for_promote() {
+    let h = Harness::new(5).await;
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_CANARY, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::WaitingPromote).await;
+    assert_eq!(r.hosts[&host(1)].state, HostState::Committed);
+    h.assert_quiet("waiting for promote").await;
+    for i in 2..=5 {
+        assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
+    }
+    engine.promote(&r.id).await.expect("promote");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_while_waiting_for_promote_rolls_the_canary_back() {
+    let h = Harness::new(5).await;
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_CANARY, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::WaitingPromote).await;
+    assert_eq!(r.hosts[&host(1)].state, HostState::Committed);
+    engine.abort(&r.id).await.expect("abort");
+    let r = h.wait_state(&r.id, RolloutState::Aborted).await;
+    assert!(r.aborted);
+    assert_eq!(r.hosts[&host(1)].state, HostState::RolledBack);
+    assert_eq!(h.count(&host(1), "rollback"), 1, "{}", h.dump(&r));
+    assert_eq!(h.sim(&host(1)).snapshot().current_release, "v1");
+    for i in 2..=5 {
+        assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
+        assert_eq!(h.count(&host(i), "rollback"), 0, "{}", h.dump(&r));
+    }
+    assert!(engine.abort(&r.id).await.is_err(), "aborting twice");
+}
+
+// ---- unreachable hosts ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disconnected_host_counts_as_unreachable_within_budget() {
+    let h = Harness::new(5).await;
+    // host-4 is known (and targeted by its labels) but its stream is gone.
+    h.fleet
+        .unregister(&host(4), h.sim(&host(4)).session.load(Ordering::SeqCst));
+    assert!(!h.fleet.connected(&host(4)));
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert!(r.hosts.contains_key(&host(4)));
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let p = &r.hosts[&host(4)];
+    assert_eq!(
+        (p.state, p.failure),
+        (HostState::Failed, Some(Failure::Unreachable)),
+        "{}",
+        h.dump(&r)
+    );
+    assert!(h.sent().iter().all(|s| s.host != host(4)));
+    for i in [1, 2, 3, 5] {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+        assert_eq!(h.count(&host(i), "activate"), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn never_registered_host_counts_as_unreachable() {
+    let h = Harness::new(4).await;
+    let spec = parse_spec(SPEC_BATCH2, Path::new(".")).expect("spec");
+    let hosts: Vec<String> = (1..=5).map(host).collect();
+    let r = h.persist_hosts("r-ghost", spec, hosts, RolloutState::Staging, 0, &[]);
+    let engine = h.engine();
+    engine.resume_all().expect("resume");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let p = &r.hosts[&host(5)];
+    assert_eq!(
+        (p.state, p.failure),
+        (HostState::Failed, Some(Failure::Unreachable)),
+        "{}",
+        h.dump(&r)
+    );
+    for i in 1..=4 {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+        assert_eq!(h.count(&host(i), "activate"), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_killed_mid_batch_is_unreachable_and_reconciled_on_return() {
+    let h = Harness::new(5).await;
+    h.sim(&host(3))
+        .die_on_activate
+        .store(true, Ordering::SeqCst);
+    let engine = h.engine();
+    engine.spawn_reconciler();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let p = &r.hosts[&host(3)];
+    assert_eq!(
+        (p.state, p.failure),
+        (HostState::Failed, Some(Failure::Unreachable)),
+        "{}",
+        h.dump(&r)
+    );
+    for i in [1, 2, 4, 5] {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+    }
+    // It returns on v2, uncommitted: the rollout counted it as failed, so it
+    // is rolled back and the record says so.
+    h.sim(&host(3))
+        .die_on_activate
+        .store(false, Ordering::SeqCst);
+    assert_eq!(h.sim(&host(3)).snapshot().current_release, "v2");
+    connect(&h.fleet, h.sim(&host(3)), &h.log);
+    let r = h
+        .wait_until(&r.id, "host-3 reconciled", |r| {
+            r.hosts[&host(3)].reason.contains("returned on")
+        })
+        .await;
+    assert_eq!(h.count(&host(3), "rollback"), 1, "{}", h.dump(&r));
+    assert_eq!(h.count(&host(3), "activate"), 1, "{}", h.dump(&r));
+    assert_eq!(h.sim(&host(3)).snapshot().current_release, "v1");
+    assert!(
+        r.hosts[&host(3)].reason.contains("rolled back"),
+        "{}",
+        h.dump(&r)
+    );
+    engine.shutdown().await;
+}
