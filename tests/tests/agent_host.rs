@@ -416,3 +416,44 @@ async fn services_and_hooks_run_as_the_configured_user() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_and_changes_nothing() -> Result<()> {
+    let env = setup("oversize-1").await?;
+    env.deploy("v1").await?;
+    let before = env.agent.history(SVC).await?;
+    // A stage whose definition carries 5 MiB of environment: over the 4 MiB
+    // message limit of the agent's stream.
+    let mut def = env.release("v2", &[]);
+    def.env.insert("HUGE".into(), "x".repeat(5 << 20));
+    env.coord
+        .send(
+            env.host(),
+            pb::coordinator_message::Cmd::Stage(pb::Stage {
+                definition: Some(def),
+            }),
+        )
+        .await?;
+    // The agent drops that stream and dials again: a second hello.
+    env.coord.wait_connected(env.host(), 2).await?;
+    let log = env.agent.log();
+    assert!(
+        log.to_lowercase().contains("message") && log.contains("coordinator session ended"),
+        "{log}"
+    );
+    // Nothing changed: same history, same release serving, nothing staged.
+    assert_eq!(env.agent.history(SVC).await?, before);
+    assert_eq!(served_version(env.port).as_deref(), Some("v1"));
+    assert_eq!(
+        env.agent
+            .release_dirs(SVC)
+            .iter()
+            .filter(|d| !d.starts_with('.'))
+            .count(),
+        1
+    );
+    // And the agent still takes normal commands.
+    env.deploy("v3").await?;
+    env.serving("v3").await?;
+    Ok(())
+}
