@@ -221,3 +221,34 @@ async fn certs_dir_without_the_operator_files_names_them() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_coordinator_refuses_to_serve_plaintext_without_insecure_dev() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\n",
+            rollout_tests::free_port(),
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(rollout_tests::bin("rollout"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run rollout serve");
+    assert!(
+        !out.status.success(),
+        "served plaintext without --insecure-dev"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mutual TLS") && err.contains("rollout certs init"),
+        "{err}"
+    );
+    // Nothing was created in the data directory.
+    assert!(!dir.path().join("data").join("state").exists());
+}
