@@ -49,7 +49,10 @@ fn name_part() -> impl Strategy<Value = String> {
     ]
 }
 
-fn entry() -> impl Strategy<Value = (u8, Vec<String>, Vec<String>, u32, Vec<u8>)> {
+/// (kind, path parts, link target parts, mode, data).
+type Entry = (u8, Vec<String>, Vec<String>, u32, Vec<u8>);
+
+fn entry() -> impl Strategy<Value = Entry> {
     (
         0u8..6,
         prop::collection::vec(name_part(), 1..4),
@@ -65,7 +68,7 @@ fn entry() -> impl Strategy<Value = (u8, Vec<String>, Vec<String>, u32, Vec<u8>)
     )
 }
 
-fn build(entries: &[(u8, Vec<String>, Vec<String>, u32, Vec<u8>)]) -> Vec<u8> {
+fn build(entries: &[Entry]) -> Vec<u8> {
     let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
         Vec::new(),
         flate2::Compression::fast(),
