@@ -84,6 +84,15 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             .with_trusted_keys(&config.trusted_keys)
             .map_err(|e| AgentError::Config(e.to_string()))?,
     );
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some((
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|e| AgentError::Config(format!("metrics_listen {addr}: {e}")))?,
+            Arc::new(crate::metrics::Metrics::new()),
+        )),
+        None => None,
+    };
     let engine = Engine::start(Deps {
         store,
         installer,
@@ -96,6 +105,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             crash_at: config.crash_at.clone(),
             host_env: config.env.clone(),
             run_as: config.run_as.as_ref().map(|(_, r)| *r),
+            metrics: metrics
+                .as_ref()
+                .map(|(_, m)| crate::metrics::MetricsHandle::new(m.clone()))
+                .unwrap_or_default(),
         },
     })?;
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -115,6 +128,16 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             error!(error = %e, "admin socket stopped");
         }
     });
+    if let Some((listener, metrics)) = metrics {
+        info!(addr = ?listener.local_addr().ok(), "serving Prometheus metrics on /metrics");
+        let (engine, stats, metrics_cancel) = (engine.clone(), stats.clone(), cancel.child_token());
+        tasks.spawn(async move {
+            let served = crate::metrics::serve(listener, metrics, engine, stats, metrics_cancel);
+            if let Err(e) = served.await {
+                error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     match &config.coordinator {
         Some(c) => {
             let session = Session {

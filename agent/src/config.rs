@@ -69,6 +69,7 @@ struct RawConfig {
     report_interval: Option<Duration>,
     max_artifact_bytes: Option<u64>,
     max_unpacked_bytes: Option<u64>,
+    metrics_listen: Option<String>,
     coordinator: Option<RawCoordinator>,
     #[serde(default)]
     log: RawLog,
@@ -162,6 +163,8 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Test-only crash point (honoured only in builds with `crash-points`).
     pub crash_at: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Default data directory.
@@ -259,6 +262,15 @@ impl AgentConfig {
             }
             archive_limits.max_unpacked_bytes = v;
         }
+        let metrics_listen = match raw.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("{a:?} is not host:port, e.g. \"127.0.0.1:9101\""),
+                )
+            })?),
+        };
         let coordinator = match raw.coordinator {
             None => None,
             Some(c) => {
@@ -324,6 +336,7 @@ impl AgentConfig {
             log_format: raw.log.format,
             log_level: raw.log.level.unwrap_or_else(|| "info".into()),
             crash_at: raw.testing.crash_at,
+            metrics_listen,
         })
     }
 }
@@ -346,6 +359,9 @@ mod tests {
         assert_eq!(c.report_interval, DEFAULT_REPORT_INTERVAL);
         assert!(c.coordinator.is_none());
         assert_eq!(c.log_format, LogFormat::Human);
+        assert_eq!(c.metrics_listen, None, "metrics are off by default");
+        let c = parse("metrics_listen = \"127.0.0.1:9101\"").expect("metrics");
+        assert_eq!(c.metrics_listen, Some(([127, 0, 0, 1], 9101).into()));
     }
 
     #[test]
@@ -401,6 +417,7 @@ mod tests {
             ("[log]\nformat = \"xml\"", "format"),
             ("trusted_keys = [\"not-a-key\"]", "trusted_keys[0]"),
             ("run_as = \"no-such-user-here\"", "run_as"),
+            ("metrics_listen = \"9101\"", "metrics_listen"),
         ];
         for (text, needle) in cases {
             let err = parse(text).expect_err(text).to_string();

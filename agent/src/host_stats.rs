@@ -37,6 +37,11 @@ pub trait HostStats: Send + 'static {
     /// Pids of processes whose cwd lies under `dir` (orphans of a crashed agent).
     /// The calling process itself is never listed.
     fn processes_with_cwd_under(&mut self, dir: &Path) -> Vec<u32>;
+    /// Resident memory (bytes) of the agent process itself, without its
+    /// children; `None` where unknown (the default, for fakes).
+    fn own_rss_bytes(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// Host-wide figures at one refresh.
@@ -217,6 +222,16 @@ impl HostStats for SysinfoStats {
         pids.sort_unstable();
         pids
     }
+
+    fn own_rss_bytes(&mut self) -> Option<u64> {
+        let pid = Pid::from_u32(std::process::id());
+        self.lookup.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            true,
+            ProcessRefreshKind::nothing().with_memory().without_tasks(),
+        );
+        self.lookup.process(pid).map(|p| p.memory())
+    }
 }
 
 /// Free bytes on the filesystem holding `path` (nix statvfs), as available to an
@@ -265,6 +280,8 @@ mod tests {
         let host = stats.host();
         assert!(host.mem_total_bytes > 0, "{host:?}");
         assert!(host.mem_used_bytes <= host.mem_total_bytes, "{host:?}");
+        let rss = stats.own_rss_bytes().expect("own rss");
+        assert!(rss > 0, "{rss}");
     }
 
     #[test]

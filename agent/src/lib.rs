@@ -16,6 +16,7 @@
 //! * [`report`]: wire reports built from the engine's views.
 //! * [`session`]: the outbound stream to the coordinator, with backoff.
 //! * [`admin`]: the local admin API on a Unix socket.
+//! * [`metrics`]: Prometheus `/metrics` over plain HTTP (`metrics_listen`).
 //! * [`agent`]: wires everything together; [`agent::run`] is what the binary
 //!   and tests call.
 
@@ -27,6 +28,7 @@ pub mod config;
 pub mod health;
 pub mod host_stats;
 pub mod layout;
+pub mod metrics;
 pub mod release;
 pub mod report;
 pub mod session;

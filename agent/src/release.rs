@@ -216,6 +216,12 @@ pub struct Thresholds {
     pub max_cpu_percent: Option<f64>,
     /// Consecutive samples over a ceiling before it counts.
     pub sustained_samples: u32,
+    /// RSS regression gate: multiple of the previous release's steady state.
+    #[serde(default)]
+    pub max_rss_ratio: Option<f64>,
+    /// CPU regression gate: multiple of the previous release's steady state.
+    #[serde(default)]
+    pub max_cpu_ratio: Option<f64>,
 }
 
 /// The unprivileged user services and hooks run as (agent config `run_as`).
@@ -442,7 +448,20 @@ impl TryFrom<pb::ServiceDefinition> for ServiceDefinition {
                 "must be a positive number",
             ));
         }
+        for (field, v) in [
+            ("thresholds.max_rss_ratio", t.max_rss_ratio),
+            ("thresholds.max_cpu_ratio", t.max_cpu_ratio),
+        ] {
+            if !v.is_finite() || v < 0.0 || (v > 0.0 && v < 1.0) {
+                return Err(invalid(
+                    field,
+                    "must be 0 (off) or a multiple of at least 1, e.g. 1.5",
+                ));
+            }
+        }
         let thresholds = Thresholds {
+            max_rss_ratio: (t.max_rss_ratio > 0.0).then_some(t.max_rss_ratio),
+            max_cpu_ratio: (t.max_cpu_ratio > 0.0).then_some(t.max_cpu_ratio),
             max_rss_bytes: (t.max_rss_bytes > 0).then_some(t.max_rss_bytes),
             max_cpu_percent: (t.max_cpu_percent > 0.0).then_some(t.max_cpu_percent),
             sustained_samples: if t.sustained_samples == 0 {

@@ -38,6 +38,7 @@ pub fn failure_to_pb(k: FailureKind) -> pb::FailureKind {
         FailureKind::Busy => pb::FailureKind::Busy,
         FailureKind::Invalid => pb::FailureKind::Invalid,
         FailureKind::Internal => pb::FailureKind::Internal,
+        FailureKind::ResourceRegression => pb::FailureKind::ResourceRegression,
     }
 }
 
@@ -89,6 +90,18 @@ pub fn service_report(view: &ServiceView, store: &dyn StateStore) -> pb::Service
         health: health as i32,
         rss_bytes: sample.map(|s| s.rss_bytes).unwrap_or(0),
         cpu_percent: sample.map(|s| s.cpu_percent).unwrap_or(0.0),
+        steady_rss_bytes: view
+            .health
+            .as_ref()
+            .and_then(|h| h.steady)
+            .map(|s| s.rss_bytes)
+            .unwrap_or(0),
+        steady_cpu_percent: view
+            .health
+            .as_ref()
+            .and_then(|h| h.steady)
+            .map(|s| s.cpu_percent)
+            .unwrap_or(0.0),
         recent: store
             .history(&r.service, RECENT_HISTORY)
             .unwrap_or_default()

@@ -41,6 +41,7 @@ struct Raw {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     max_artifact_bytes: Option<u64>,
+    metrics_listen: Option<String>,
     tls: Option<RawTls>,
     #[serde(default)]
     log: RawLog,
@@ -87,6 +88,8 @@ pub struct CoordinatorConfig {
     pub log_json: bool,
     /// Tracing filter.
     pub log_level: String,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Default listen address.
@@ -125,6 +128,13 @@ impl CoordinatorConfig {
                 });
             }
         };
+        let metrics_listen = match raw.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| ConfigError::Invalid {
+                key: "metrics_listen".into(),
+                message: format!("{a:?} is not host:port, e.g. \"127.0.0.1:9102\""),
+            })?),
+        };
         Ok(CoordinatorConfig {
             listen,
             data_dir: raw
@@ -138,6 +148,7 @@ impl CoordinatorConfig {
             }),
             log_json,
             log_level: raw.log.level.unwrap_or_else(|| "info".into()),
+            metrics_listen,
         })
     }
 }
@@ -151,9 +162,14 @@ mod tests {
         let c = CoordinatorConfig::parse("", Path::new("c.toml")).expect("defaults");
         assert_eq!(c.listen.port(), 7443);
         assert!(c.tls.is_none());
+        assert_eq!(c.metrics_listen, None);
+        let text = "metrics_listen = \"127.0.0.1:9102\"";
+        let c = CoordinatorConfig::parse(text, Path::new("c.toml")).expect("metrics");
+        assert_eq!(c.metrics_listen, Some(([127, 0, 0, 1], 9102).into()));
         for (text, needle) in [
             ("lisen = \"x\"", "lisen"),
             ("listen = \"nope\"", "listen"),
+            ("metrics_listen = \"9102\"", "metrics_listen"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[tls]\nca = \"a\"", "cert"),
         ] {

@@ -54,6 +54,7 @@ pub struct Fleet {
     store: Store,
     changes: broadcast::Sender<String>,
     next: AtomicU64,
+    metrics: crate::metrics::MetricsHook,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -84,7 +85,14 @@ impl Fleet {
             store,
             changes,
             next: AtomicU64::new(1),
+            metrics: Default::default(),
         }
+    }
+
+    /// Where the fleet and the engine record Prometheus metrics (a no-op
+    /// until `server::run` sets it, with `metrics_listen`).
+    pub fn metrics(&self) -> &crate::metrics::MetricsHook {
+        &self.metrics
     }
 
     /// Host names that changed (connected, reported, disconnected).
@@ -239,6 +247,8 @@ impl Fleet {
         timeout: Duration,
     ) -> Result<pb::CommandResult, FleetError> {
         let id = format!("c{}", self.next.fetch_add(1, Ordering::SeqCst));
+        let kind = crate::metrics::command_name(&cmd);
+        let started = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         let out = {
             let mut c = self
@@ -258,7 +268,9 @@ impl Fleet {
         if out.send(Ok(msg)).await.is_err() {
             return Err(FleetError::Unreachable(host.to_string()));
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let waited = tokio::time::timeout(timeout, rx).await;
+        self.metrics.observe_command(kind, started.elapsed());
+        match waited {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(FleetError::Unreachable(host.to_string())),
             Err(_) => {

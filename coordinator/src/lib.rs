@@ -12,6 +12,7 @@
 //! * [`engine`]: rollouts persisted and driven batch by batch.
 //! * [`server`]: `AgentService` and `ControlService`; [`server::run`] is what
 //!   `rollout serve` and the tests call.
+//! * [`metrics`]: Prometheus `/metrics` over plain HTTP (`metrics_listen`).
 //! * [`cli`]: the `rollout` commands.
 //! * [`dev`]: `rollout dev`, a local fleet with a live rolling deploy.
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod dev;
 pub mod engine;
 pub mod fleet;
+pub mod metrics;
 pub mod pki;
 pub mod rollout;
 pub mod server;

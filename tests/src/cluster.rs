@@ -21,16 +21,24 @@ pub struct CoordinatorProc {
     /// Listen port on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
+    /// Extra top-level config lines, e.g. `metrics_listen = "..."`.
+    extra: String,
 }
 
 impl CoordinatorProc {
     /// Starts `rollout serve --insecure-dev` on a free port.
     pub async fn start() -> Result<CoordinatorProc> {
+        Self::start_with("").await
+    }
+
+    /// Like [`CoordinatorProc::start`], with extra top-level config lines.
+    pub async fn start_with(extra: &str) -> Result<CoordinatorProc> {
         let dir = tempfile::tempdir()?;
         let mut c = CoordinatorProc {
             dir,
             port: free_port(),
             child: None,
+            extra: extra.to_string(),
         };
         c.spawn().await?;
         Ok(c)
@@ -51,9 +59,10 @@ impl CoordinatorProc {
         std::fs::write(
             &cfg,
             format!(
-                "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\n[log]\nlevel = \"info,rollout_coordinator=debug\"\n",
+                "listen = \"127.0.0.1:{}\"\ndata_dir = {:?}\n{}\n[log]\nlevel = \"info,rollout_coordinator=debug\"\n",
                 self.port,
-                self.dir.path().join("data").display().to_string()
+                self.dir.path().join("data").display().to_string(),
+                self.extra
             ),
         )?;
         let log = std::fs::OpenOptions::new()

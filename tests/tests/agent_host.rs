@@ -457,3 +457,127 @@ async fn an_oversized_message_is_refused_and_changes_nothing() -> Result<()> {
     env.serving("v3").await?;
     Ok(())
 }
+
+fn with_thresholds(mut def: pb::ServiceDefinition, t: pb::Thresholds) -> pb::ServiceDefinition {
+    def.thresholds = Some(t);
+    def
+}
+
+#[tokio::test]
+async fn a_release_over_its_memory_ceiling_is_rolled_back_with_the_numbers() -> Result<()> {
+    let env = setup("ceiling-1").await?;
+    env.deploy("v1").await?;
+    let def = with_thresholds(
+        env.release("v2", &["alloc_mb=64"]),
+        pb::Thresholds {
+            max_rss_bytes: 32 << 20,
+            sustained_samples: 2,
+            ..Default::default()
+        },
+    );
+    env.coord.stage(env.host(), def).await?;
+    let r = env.coord.activate(env.host(), SVC, "v2").await?;
+    assert!(!r.ok, "a release over its ceiling was accepted");
+    assert_eq!(
+        r.failure,
+        pb::FailureKind::ResourceRegression as i32,
+        "{}",
+        r.error
+    );
+    assert!(
+        r.error.contains("over the ceiling of 33554432 bytes"),
+        "{}",
+        r.error
+    );
+    env.agent.wait_for(SVC, pb::Phase::Idle, "v1").await?;
+    env.serving("v1").await?;
+    let hist = env.agent.history(SVC).await?;
+    assert!(
+        hist.iter()
+            .any(|h| h.event == "rolling_back" && h.release == "v2" && h.reason.contains("rss")),
+        "{hist:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_release_using_3x_the_memory_of_the_previous_one_is_rolled_back() -> Result<()> {
+    let env = setup("regress-1").await?;
+    let v1 = env.release("v1", &["alloc_mb=16"]);
+    env.coord.stage(env.host(), v1).await?;
+    assert!(env.coord.activate(env.host(), SVC, "v1").await?.ok);
+    env.coord.commit(env.host(), SVC, "v1").await?;
+    // Wait until the agent has measured v1's steady state.
+    let steady = rollout_tests::eventually("v1 steady state measured", DEADLINE, async || {
+        let s = env.agent.service(SVC).await.ok().flatten()?;
+        (s.steady_rss_bytes > 16 << 20).then_some(s.steady_rss_bytes)
+    })
+    .await?;
+    let def = with_thresholds(
+        env.release("v2", &["alloc_mb=64"]),
+        pb::Thresholds {
+            max_rss_ratio: 1.5,
+            sustained_samples: 2,
+            ..Default::default()
+        },
+    );
+    env.coord.stage(env.host(), def).await?;
+    let r = env.coord.activate(env.host(), SVC, "v2").await?;
+    assert!(
+        !r.ok,
+        "a 3x memory regression was accepted (v1 steady {steady})"
+    );
+    assert_eq!(
+        r.failure,
+        pb::FailureKind::ResourceRegression as i32,
+        "{}",
+        r.error
+    );
+    assert!(
+        r.error.contains("memory regression")
+            && r.error.contains("previous release's steady state"),
+        "{}",
+        r.error
+    );
+    env.agent.wait_for(SVC, pb::Phase::Idle, "v1").await?;
+    env.serving("v1").await?;
+    // The same growth within the ratio passes.
+    let def = with_thresholds(
+        env.release("v3", &["alloc_mb=18"]),
+        pb::Thresholds {
+            max_rss_ratio: 1.5,
+            sustained_samples: 2,
+            ..Default::default()
+        },
+    );
+    env.coord.stage(env.host(), def).await?;
+    let r = env.coord.activate(env.host(), SVC, "v3").await?;
+    assert!(r.ok, "{}", r.error);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reported_cpu_and_memory_match_a_known_load() -> Result<()> {
+    let env = setup("measure-1").await?;
+    let def = env.release("v1", &["alloc_mb=64", "burn_cpu_percent=50"]);
+    env.coord.stage(env.host(), def).await?;
+    assert!(env.coord.activate(env.host(), SVC, "v1").await?.ok);
+    // Memory: the 64 MiB allocation plus a small process.
+    let rss = rollout_tests::eventually("rss reported", DEADLINE, async || {
+        let s = env.agent.service(SVC).await.ok().flatten()?;
+        (s.rss_bytes >= 64 << 20).then_some(s.rss_bytes)
+    })
+    .await?;
+    assert!(
+        rss < (64 + 32) << 20,
+        "rss {rss} far above the 64 MiB allocation"
+    );
+    // CPU: half a core, within a tolerance (readings on a busy machine vary).
+    let cpu = rollout_tests::eventually("cpu near 50%", DEADLINE, async || {
+        let s = env.agent.service(SVC).await.ok().flatten()?;
+        (s.steady_cpu_percent > 0.0 && (s.cpu_percent - 50.0).abs() < 20.0).then_some(s.cpu_percent)
+    })
+    .await?;
+    assert!((30.0..70.0).contains(&cpu), "cpu {cpu}");
+    Ok(())
+}

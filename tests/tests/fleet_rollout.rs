@@ -352,3 +352,30 @@ async fn agent_killed_mid_batch_counts_as_unreachable_and_is_reconciled_on_retur
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn host_rollbacks_past_max_host_rollbacks_halt_the_fleet_rollout() -> Result<()> {
+    let c = Cluster::start(5, env_for(&[1, 2], "V2_HEALTHY", "false")).await?;
+    deploy_v1(&c).await?;
+    // The failure budget alone would let 4 failures through; the host-rollback
+    // limit of 1 halts at the second host that rolls itself back.
+    let spec = c.spec(
+        "v2",
+        &[],
+        &["--healthy", "${V2_HEALTHY}"],
+        "batch_size = 5\nmax_unavailable = \"100%\"\nmax_failures = 4\nmax_host_rollbacks = 1",
+    )?;
+    let (ok, out, _) = c.deploy_wait(&spec);
+    assert!(!ok, "{out}");
+    let id = out.lines().next().unwrap_or_default().trim().to_string();
+    let s = c.wait_state(&id, "rolled_back").await?;
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("host rollbacks exceeded"),
+        "{s}"
+    );
+    c.all_serving("v1").await?;
+    Ok(())
+}

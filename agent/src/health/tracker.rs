@@ -61,9 +61,53 @@ pub struct Tracker {
     rss_over: u32,
     cpu_over: u32,
     last_sample: Option<ProcessSample>,
+    /// The previous release's steady state, for the regression gates.
+    baseline: Option<ProcessSample>,
+    rss_regressed: u32,
+    cpu_regressed: u32,
+    seen: u32,
+    /// Running sum and count of samples after warm-up: this release's steady state.
+    sum: ProcessSample,
+    samples: u32,
 }
 
+/// Samples skipped at start before the steady-state average begins.
+const WARMUP_SAMPLES: u32 = 2;
+/// A regression must also exceed the baseline by this much RSS...
+const RSS_REGRESSION_FLOOR: u64 = 4 << 20;
+/// ... or this many CPU percentage points, so idle noise never trips it.
+const CPU_REGRESSION_FLOOR: f64 = 5.0;
+
+/// Prefix of verdict reasons from resource gates (ceilings and regressions),
+/// so failures can be typed `resource_regression`.
+pub const RESOURCE_PREFIX: &str = "resource gate: ";
+
 impl Tracker {
+    /// Compares samples against `baseline` for the ratio gates.
+    pub fn with_baseline(mut self, baseline: Option<ProcessSample>) -> Self {
+        self.baseline = baseline;
+        self
+    }
+
+    /// Whether enough resource samples were seen for the gates to have had
+    /// their say (always true without resource gates).
+    pub fn resources_settled(&self) -> bool {
+        let t = &self.thresholds;
+        let gated = t.max_rss_bytes.is_some()
+            || t.max_cpu_percent.is_some()
+            || (self.baseline.is_some()
+                && (t.max_rss_ratio.is_some() || t.max_cpu_ratio.is_some()));
+        !gated || self.seen >= t.sustained_samples.max(1)
+    }
+
+    /// Average of the samples after warm-up: this release's steady state.
+    pub fn steady_state(&self) -> Option<ProcessSample> {
+        (self.samples > 0).then(|| ProcessSample {
+            rss_bytes: self.sum.rss_bytes / u64::from(self.samples),
+            cpu_percent: self.sum.cpu_percent / f64::from(self.samples),
+        })
+    }
+
     /// A tracker with every check pending.
     pub fn new(checks: Vec<HealthCheck>, thresholds: Thresholds) -> Self {
         let states = checks
@@ -82,6 +126,12 @@ impl Tracker {
             rss_over: 0,
             cpu_over: 0,
             last_sample: None,
+            baseline: None,
+            rss_regressed: 0,
+            cpu_regressed: 0,
+            seen: 0,
+            sum: ProcessSample::default(),
+            samples: 0,
         }
     }
 
@@ -127,6 +177,27 @@ impl Tracker {
             .is_some_and(|max| sample.cpu_percent > max);
         self.rss_over = if over_rss { self.rss_over + 1 } else { 0 };
         self.cpu_over = if over_cpu { self.cpu_over + 1 } else { 0 };
+        let (rss_reg, cpu_reg) = match self.baseline {
+            Some(b) => (
+                self.thresholds.max_rss_ratio.is_some_and(|r| {
+                    sample.rss_bytes as f64 > b.rss_bytes as f64 * r
+                        && sample.rss_bytes > b.rss_bytes + RSS_REGRESSION_FLOOR
+                }),
+                self.thresholds.max_cpu_ratio.is_some_and(|r| {
+                    sample.cpu_percent > b.cpu_percent * r
+                        && sample.cpu_percent > b.cpu_percent + CPU_REGRESSION_FLOOR
+                }),
+            ),
+            None => (false, false),
+        };
+        self.rss_regressed = if rss_reg { self.rss_regressed + 1 } else { 0 };
+        self.cpu_regressed = if cpu_reg { self.cpu_regressed + 1 } else { 0 };
+        self.seen += 1;
+        if self.seen > WARMUP_SAMPLES {
+            self.sum.rss_bytes += sample.rss_bytes;
+            self.sum.cpu_percent += sample.cpu_percent;
+            self.samples += 1;
+        }
     }
 
     /// The last resource sample.
@@ -140,21 +211,42 @@ impl Tracker {
             return Verdict::Unhealthy("the service process is not running".into());
         }
         let sustained = self.thresholds.sustained_samples.max(1);
+        let last = self.last_sample.unwrap_or_default();
         if self.rss_over >= sustained {
-            let rss = self.last_sample.map(|s| s.rss_bytes).unwrap_or(0);
             let max = self.thresholds.max_rss_bytes.unwrap_or(0);
             return Verdict::Unhealthy(format!(
-                "memory: rss {rss} bytes over the ceiling of {max} bytes for {} samples",
-                self.rss_over
+                "{RESOURCE_PREFIX}memory: rss {} bytes over the ceiling of {max} bytes for {} samples",
+                last.rss_bytes, self.rss_over
             ));
         }
         if self.cpu_over >= sustained {
-            let cpu = self.last_sample.map(|s| s.cpu_percent).unwrap_or(0.0);
             let max = self.thresholds.max_cpu_percent.unwrap_or(0.0);
             return Verdict::Unhealthy(format!(
-                "cpu: {cpu:.1}% over the ceiling of {max:.1}% for {} samples",
-                self.cpu_over
+                "{RESOURCE_PREFIX}cpu: {:.1}% over the ceiling of {max:.1}% for {} samples",
+                last.cpu_percent, self.cpu_over
             ));
+        }
+        if let Some(b) = self.baseline {
+            if self.rss_regressed >= sustained {
+                return Verdict::Unhealthy(format!(
+                    "{RESOURCE_PREFIX}memory regression: rss {} bytes is {:.2}x the previous release's steady state of {} bytes (limit {:.2}x) for {} samples",
+                    last.rss_bytes,
+                    last.rss_bytes as f64 / (b.rss_bytes.max(1)) as f64,
+                    b.rss_bytes,
+                    self.thresholds.max_rss_ratio.unwrap_or(0.0),
+                    self.rss_regressed
+                ));
+            }
+            if self.cpu_regressed >= sustained {
+                return Verdict::Unhealthy(format!(
+                    "{RESOURCE_PREFIX}cpu regression: {:.1}% is {:.2}x the previous release's steady state of {:.1}% (limit {:.2}x) for {} samples",
+                    last.cpu_percent,
+                    last.cpu_percent / b.cpu_percent.max(0.1),
+                    b.cpu_percent,
+                    self.thresholds.max_cpu_ratio.unwrap_or(0.0),
+                    self.cpu_regressed
+                ));
+            }
         }
         if let Some(st) = self
             .states
@@ -188,6 +280,8 @@ pub struct HealthView {
     pub last_failure: Option<String>,
     /// Latest resource sample of the process tree.
     pub sample: Option<ProcessSample>,
+    /// Steady-state average of this release so far.
+    pub steady: Option<ProcessSample>,
 }
 
 /// Where the monitor learns whether the service's process runs, and its pid.
@@ -202,22 +296,41 @@ pub trait ProcessWatch: Send + Sync + 'static {
 /// How often resources are sampled (CPU % needs ≥ 200 ms between refreshes).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 
+/// What a monitor watches: the release's checks, ceilings and gates, where
+/// exec checks run, and the previous release's steady state.
+#[derive(Debug, Clone)]
+pub struct MonitorSpec {
+    /// Health checks.
+    pub checks: Vec<HealthCheck>,
+    /// Ceilings and regression gates.
+    pub thresholds: Thresholds,
+    /// Exec check context.
+    pub ctx: ProbeContext,
+    /// The previous release's steady state, for the regression gates.
+    pub baseline: Option<ProcessSample>,
+}
+
 /// Probes every check at its interval and samples resources until `cancel`,
-/// publishing every change of the view.
+/// publishing every change of the verdict.
 pub fn spawn_monitor(
-    checks: Vec<HealthCheck>,
-    thresholds: Thresholds,
-    ctx: ProbeContext,
+    spec: MonitorSpec,
     probe: Arc<dyn HealthProbe>,
     stats: Arc<Mutex<dyn HostStats>>,
     process: Arc<dyn ProcessWatch>,
     cancel: CancellationToken,
 ) -> (watch::Receiver<HealthView>, tokio::task::JoinHandle<()>) {
-    let mut tracker = Tracker::new(checks, thresholds);
+    let MonitorSpec {
+        checks,
+        thresholds,
+        ctx,
+        baseline,
+    } = spec;
+    let mut tracker = Tracker::new(checks, thresholds).with_baseline(baseline);
     let initial = HealthView {
         verdict: tracker.verdict(process.alive()),
         last_failure: None,
         sample: None,
+        steady: None,
     };
     let (tx, rx) = watch::channel(initial);
     let task = tokio::spawn(async move {
@@ -246,10 +359,20 @@ pub fn spawn_monitor(
                 }
                 next_sample = Instant::now() + SAMPLE_INTERVAL;
             }
+            let mut verdict = tracker.verdict(process.alive());
+            // With resource gates, a release is not healthy before the gates
+            // have seen enough samples of its process.
+            if verdict == Verdict::Healthy
+                && process.pid().is_some()
+                && !tracker.resources_settled()
+            {
+                verdict = Verdict::Pending;
+            }
             let view = HealthView {
-                verdict: tracker.verdict(process.alive()),
+                verdict,
                 last_failure: tracker.last_failure(),
                 sample: tracker.last_sample(),
+                steady: tracker.steady_state(),
             };
             tx.send_if_modified(|old| {
                 let changed = old.verdict != view.verdict || old.last_failure != view.last_failure;
@@ -357,6 +480,7 @@ mod tests {
             max_rss_bytes: Some(1000),
             max_cpu_percent: Some(50.0),
             sustained_samples: 2,
+            ..Default::default()
         };
         let mut t = Tracker::new(vec![], th);
         let high_rss = ProcessSample {
@@ -385,5 +509,74 @@ mod tests {
         assert!(
             matches!(t.verdict(true), Verdict::Unhealthy(r) if r.contains("90.0%") && r.contains("50.0%"))
         );
+    }
+
+    #[test]
+    fn regression_gates_compare_with_the_previous_steady_state() {
+        let th = Thresholds {
+            max_rss_ratio: Some(1.5),
+            max_cpu_ratio: Some(2.0),
+            sustained_samples: 2,
+            ..Default::default()
+        };
+        let base = ProcessSample {
+            rss_bytes: 20 << 20,
+            cpu_percent: 10.0,
+        };
+        let mut t = Tracker::new(vec![], th.clone()).with_baseline(Some(base));
+        // 1.4x: fine.
+        for _ in 0..5 {
+            t.record_resources(ProcessSample {
+                rss_bytes: 28 << 20,
+                cpu_percent: 12.0,
+            });
+        }
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+        // 3x RSS, sustained: a typed regression with the numbers.
+        t.record_resources(ProcessSample {
+            rss_bytes: 60 << 20,
+            cpu_percent: 12.0,
+        });
+        assert_eq!(
+            t.verdict(true),
+            Verdict::Healthy,
+            "one sample is not sustained"
+        );
+        t.record_resources(ProcessSample {
+            rss_bytes: 60 << 20,
+            cpu_percent: 12.0,
+        });
+        match t.verdict(true) {
+            Verdict::Unhealthy(r) => {
+                assert!(r.starts_with(RESOURCE_PREFIX), "{r}");
+                assert!(r.contains("3.00x") && r.contains("20971520"), "{r}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // CPU doubling of a near-idle service stays under the floor.
+        let idle = ProcessSample {
+            rss_bytes: 20 << 20,
+            cpu_percent: 0.5,
+        };
+        let mut t = Tracker::new(vec![], th.clone()).with_baseline(Some(idle));
+        for _ in 0..5 {
+            t.record_resources(ProcessSample {
+                rss_bytes: 20 << 20,
+                cpu_percent: 2.0,
+            });
+        }
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+        // Without a baseline the ratios do nothing.
+        let mut t = Tracker::new(vec![], th);
+        for _ in 0..5 {
+            t.record_resources(ProcessSample {
+                rss_bytes: 500 << 20,
+                cpu_percent: 90.0,
+            });
+        }
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+        // Steady state skips the warm-up samples.
+        let steady = t.steady_state().expect("steady");
+        assert_eq!(steady.rss_bytes, 500 << 20);
     }
 }

@@ -105,6 +105,21 @@ pub struct ServiceRecord {
     pub process: Option<ProcessRecord>,
     /// Why the service is degraded, or the last failure.
     pub last_error: Option<String>,
+    /// Steady-state RSS/CPU of a release, measured while it ran: what the
+    /// regression gates of the next release compare against.
+    #[serde(default)]
+    pub baseline: Option<Baseline>,
+}
+
+/// A release's measured steady state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// The release measured.
+    pub release: String,
+    /// Average RSS of its process tree.
+    pub rss_bytes: u64,
+    /// Average CPU % (share of one core).
+    pub cpu_percent: f64,
 }
 
 impl ServiceRecord {
@@ -119,6 +134,7 @@ impl ServiceRecord {
             op: None,
             process: None,
             last_error: None,
+            baseline: None,
         }
     }
 

@@ -50,6 +50,9 @@ pub enum FailureKind {
     Invalid,
     /// The agent failed (disk, store).
     Internal,
+    /// A resource gate failed: a ceiling, or a regression against the
+    /// previous release's steady state.
+    ResourceRegression,
 }
 
 /// An engine failure. Every message names the cause and what to do.
@@ -167,6 +170,8 @@ pub struct EngineConfig {
     pub host_env: std::collections::BTreeMap<String, String>,
     /// The user services and hooks run as (agent config `run_as`).
     pub run_as: Option<crate::release::RunAs>,
+    /// Prometheus counters (agent config `metrics_listen`); off by default.
+    pub metrics: crate::metrics::MetricsHandle,
 }
 
 impl Default for EngineConfig {
@@ -176,6 +181,7 @@ impl Default for EngineConfig {
             run_as: None,
             retain_releases: 5,
             crash_at: None,
+            metrics: Default::default(),
         }
     }
 }
@@ -258,7 +264,20 @@ struct WorkerHandle {
     view: watch::Receiver<ServiceView>,
     /// Held while staging a release of this service.
     staging: Arc<tokio::sync::Mutex<()>>,
+    /// The running monitor's output, read at query time so reports carry
+    /// fresh samples without waking the worker on every sample.
+    live: LiveHealth,
     task: JoinHandle<()>,
+}
+
+/// Shared slot for the running monitor's receiver.
+type LiveHealth = Arc<Mutex<Option<watch::Receiver<HealthView>>>>;
+
+fn with_live(mut view: ServiceView, live: &LiveHealth) -> ServiceView {
+    if let Some(rx) = live.lock().ok().and_then(|l| l.clone()) {
+        view.health = Some(rx.borrow().clone());
+    }
+    view
 }
 
 /// The per-host update engine.
@@ -310,10 +329,12 @@ impl Engine {
             record: rec.clone(),
             health: None,
         });
+        let live: LiveHealth = Arc::new(Mutex::new(None));
         let worker = Worker {
             deps: self.deps.clone(),
             record: rec.clone(),
             monitor: None,
+            live: live.clone(),
             view: view_tx,
             changes: self.changes.clone(),
             cancel: self.cancel.child_token(),
@@ -325,6 +346,7 @@ impl Engine {
                 tx,
                 view,
                 staging: Arc::new(tokio::sync::Mutex::new(())),
+                live,
                 task,
             },
         );
@@ -354,7 +376,10 @@ impl Engine {
     pub fn views(&self) -> Vec<ServiceView> {
         match self.workers.lock() {
             Ok(w) => {
-                let mut v: Vec<_> = w.values().map(|h| h.view.borrow().clone()).collect();
+                let mut v: Vec<_> = w
+                    .values()
+                    .map(|h| with_live(h.view.borrow().clone(), &h.live))
+                    .collect();
                 v.sort_by(|a, b| a.record.service.cmp(&b.record.service));
                 v
             }
@@ -365,7 +390,8 @@ impl Engine {
     /// The view of one service.
     pub fn view(&self, service: &str) -> Option<ServiceView> {
         let w = self.workers.lock().ok()?;
-        w.get(service).map(|h| h.view.borrow().clone())
+        w.get(service)
+            .map(|h| with_live(h.view.borrow().clone(), &h.live))
     }
 
     /// The store, for listings.
@@ -409,16 +435,17 @@ impl Engine {
                 });
             }
         }
-        let staged =
-            self.deps
-                .installer
-                .stage(&def)
-                .await
-                .map_err(|source| EngineError::Stage {
-                    service: service.clone(),
-                    release: def.release.clone(),
-                    source: Box::new(source),
-                })?;
+        let staged = self
+            .deps
+            .installer
+            .stage(&def)
+            .await
+            .inspect_err(|_| self.deps.config.metrics.operation("stage", "failed"))
+            .map_err(|source| EngineError::Stage {
+                service: service.clone(),
+                release: def.release.clone(),
+                source: Box::new(source),
+            })?;
         let release = def.release.clone();
         self.deps.store.commit(Write {
             put_releases: vec![ReleaseRecord {
@@ -428,6 +455,7 @@ impl Engine {
             history: vec![history(&service, &release, "staged", None, "stage")],
             ..Default::default()
         })?;
+        self.deps.config.metrics.operation("stage", "ok");
         info!(service = %service, release = %release, already = staged.already_present, "staged");
         Ok(StageOutcome {
             already_present: staged.already_present,
@@ -537,6 +565,7 @@ struct Worker {
     deps: Deps,
     record: ServiceRecord,
     monitor: Option<Monitor>,
+    live: LiveHealth,
     view: watch::Sender<ServiceView>,
     changes: broadcast::Sender<String>,
     cancel: CancellationToken,
@@ -810,6 +839,17 @@ impl Worker {
             step_done: false,
         });
         self.record.last_error = None;
+        // The running release's steady state is what the new one is compared to.
+        if let (Some(cur), Some(steady)) = (
+            from.clone(),
+            self.monitor.as_ref().and_then(|m| m.rx.borrow().steady),
+        ) {
+            self.record.baseline = Some(crate::state::Baseline {
+                release: cur,
+                rss_bytes: steady.rss_bytes,
+                cpu_percent: steady.cpu_percent,
+            });
+        }
         self.record.phase = self.record.phase.next(Event::Activate)?;
         self.persist(vec![history(&service, release, "activating", None, cause)])?;
         self.crash_point("intent");
@@ -910,6 +950,7 @@ impl Worker {
                     op.step_done = false;
                 }
                 self.persist(vec![history(&service, release, "verified", None, cause)])?;
+                self.deps.config.metrics.operation("activate", "ok");
                 self.crash_point("intent");
                 info!(service = %service, release, "healthy; in probation until commit");
                 Ok(())
@@ -918,7 +959,11 @@ impl Worker {
                 .fail_activation(
                     release,
                     StepError {
-                        kind: FailureKind::Unhealthy,
+                        kind: if reason.contains(crate::health::tracker::RESOURCE_PREFIX) {
+                            FailureKind::ResourceRegression
+                        } else {
+                            FailureKind::Unhealthy
+                        },
                         reason,
                     },
                 )
@@ -954,6 +999,7 @@ impl Worker {
             return EngineError::ShuttingDown;
         }
         warn!(service = %service, release, reason = %e.reason, "activation failed; rolling back");
+        self.deps.config.metrics.operation("activate", "failed");
         let event = if self.record.phase == Phase::Verifying {
             Event::Unhealthy
         } else {
@@ -982,23 +1028,40 @@ impl Worker {
         let dir = self.deps.layout.release_dir(&def.service, &def.release);
         let cancel = self.cancel.child_token();
         let (rx, task) = spawn_monitor(
-            def.health_checks.clone(),
-            def.thresholds.clone(),
-            ProbeContext {
-                env: service_env(def, &dir),
-                release_dir: dir,
-                run_as: def.run_as,
+            crate::health::tracker::MonitorSpec {
+                checks: def.health_checks.clone(),
+                thresholds: def.thresholds.clone(),
+                ctx: ProbeContext {
+                    env: service_env(def, &dir),
+                    release_dir: dir,
+                    run_as: def.run_as,
+                },
+                baseline: self
+                    .record
+                    .baseline
+                    .as_ref()
+                    .filter(|b| b.release != def.release)
+                    .map(|b| crate::host_stats::ProcessSample {
+                        rss_bytes: b.rss_bytes,
+                        cpu_percent: b.cpu_percent,
+                    }),
             },
             self.deps.probe.clone(),
             self.deps.stats.clone(),
             self.deps.supervisor.watch(&def.service),
             cancel.clone(),
         );
+        if let Ok(mut l) = self.live.lock() {
+            *l = Some(rx.clone());
+        }
         self.monitor = Some(Monitor { rx, cancel, task });
         self.publish();
     }
 
     async fn stop_monitor(&mut self) {
+        if let Ok(mut l) = self.live.lock() {
+            *l = None;
+        }
         if let Some(m) = self.monitor.take() {
             m.cancel.cancel();
             let _ = m.task.await;
@@ -1017,6 +1080,12 @@ impl Worker {
             let view = rx.borrow_and_update().clone();
             self.publish();
             let now = Instant::now();
+            // A resource gate fails verify at once: waiting cannot fix it.
+            if let Verdict::Unhealthy(r) = &view.verdict
+                && r.starts_with(crate::health::tracker::RESOURCE_PREFIX)
+            {
+                return Err(r.clone());
+            }
             if view.verdict.is_healthy() {
                 let s = *since.get_or_insert(now);
                 if now.duration_since(s) >= def.min_healthy_time {
@@ -1084,6 +1153,7 @@ impl Worker {
         self.record.last_known_good = Some(release.to_string());
         self.record.op = None;
         self.persist(vec![history(&service, release, "committed", None, &cause)])?;
+        self.deps.config.metrics.operation("commit", "ok");
         info!(service = %service, release, "committed");
         self.retain();
         Ok(())
@@ -1247,6 +1317,7 @@ impl Worker {
             Some(format!("to {target_name}: {reason}")),
             &cause,
         )])?;
+        self.deps.config.metrics.rollback(event, &cause, &reason);
         self.crash_point("intent");
 
         // Stop whatever runs: the current release's definition knows how.
@@ -1329,6 +1400,7 @@ impl Worker {
             )),
             &cause,
         )])?;
+        self.deps.config.metrics.operation("rollback", "ok");
         info!(service = %service, to = %target_name, "rollback complete");
         Ok(())
     }
@@ -1367,6 +1439,7 @@ impl Worker {
             Some(reason.clone()),
             cause,
         )])?;
+        self.deps.config.metrics.operation("rollback", "failed");
         Err(EngineError::RollbackFailed {
             service,
             target: target.to_string(),

@@ -1116,6 +1116,7 @@ fn crashed_record(phase: Phase, step_done: bool, current: &str) -> ServiceRecord
         }),
         process: None,
         last_error: None,
+        baseline: None,
     }
 }
 

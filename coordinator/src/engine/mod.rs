@@ -457,12 +457,25 @@ impl Engine {
             if r.state.is_terminal() || r.state == RolloutState::RollingBack {
                 return Ok(vec![]);
             }
+            let host_rollback_limit = r
+                .strategy
+                .max_host_rollbacks
+                .as_ref()
+                .map(|c| c.resolve_floor(r.hosts.len()));
             let reason = why.clone().or_else(|| {
                 planner::budget_exceeded(r.failures(), r.failure_budget).then(|| {
                     format!(
                         "failure budget exceeded: {} hosts failed, budget {}",
                         r.failures(),
                         r.failure_budget
+                    )
+                })
+            }).or_else(|| {
+                let limit = host_rollback_limit?;
+                (r.host_rollbacks() > limit).then(|| {
+                    format!(
+                        "host rollbacks exceeded: {} hosts rolled the release back on their own, limit {limit}",
+                        r.host_rollbacks()
                     )
                 })
             });
@@ -625,6 +638,7 @@ impl Engine {
             Ok(vec![ev(None, "batch_started", r.message.clone())])
         })
         .await?;
+        let batch_started = std::time::Instant::now();
         let (activate_timeout, _) = Self::def_timeouts(r);
         let work: Vec<String> = batch
             .iter()
@@ -686,8 +700,20 @@ impl Engine {
                     }
                     Ok(x) => {
                         p.state = HostState::Failed;
-                        p.failure = Some(Failure::RolledBackByHost);
-                        p.reason = x.error.clone();
+                        // The host rolled back in probation; its history says why.
+                        let why = self.fleet.service(&h, &r.service).and_then(|s| {
+                            s.recent
+                                .iter()
+                                .rev()
+                                .find(|e| e.event == "rolling_back" && e.release == r.release)
+                                .map(|e| e.reason.clone())
+                        });
+                        p.failure = Some(match &why {
+                            Some(w) if w.contains("resource gate") => Failure::ResourceRegression,
+                            _ => Failure::RolledBackByHost,
+                        });
+                        self.fleet.metrics().host_failed(p.failure);
+                        p.reason = why.unwrap_or_else(|| x.error.clone());
                         events.push(ev(
                             Some(&h),
                             "host_failed",
@@ -717,6 +743,7 @@ impl Engine {
                 return Ok(vec![]);
             }
             r.current_batch = i + 1;
+            self.fleet.metrics().observe_batch(batch_started.elapsed());
             let mut events = vec![ev(None, "batch_done", format!("batch {i} done"))];
             if r.current_batch < r.batches.len() && r.pause_points.contains(&i) {
                 if r.state == RolloutState::Running {
@@ -790,6 +817,7 @@ impl Engine {
                 Ok(x) => {
                     p.state = HostState::Failed;
                     p.failure = Some(Failure::from_pb(x.failure));
+                    self.fleet.metrics().host_failed(p.failure);
                     p.reason = x.error.clone();
                     ev(
                         Some(&host),
@@ -871,6 +899,7 @@ impl Engine {
                     None
                 };
                 if let Some((state, failure, msg)) = outcome {
+                    self.fleet.metrics().host_failed(failure);
                     self.update(&r.id, |r| {
                         if let Some(p) = r.hosts.get_mut(&host) {
                             p.state = state;
@@ -978,6 +1007,8 @@ impl Engine {
                     match res {
                         Ok(x) if x.ok => {
                             p.state = HostState::RolledBack;
+                            let why = if r.aborted { "abort" } else { "fleet_halt" };
+                            self.fleet.metrics().rollback(why);
                             events.push(ev(
                                 Some(&h),
                                 "rolled_back",
@@ -1140,6 +1171,9 @@ impl Engine {
                 reason: "requested by an operator (rollout rollback)".into(),
             });
             let res = self.fleet.command(&h, cmd, Duration::from_secs(600)).await;
+            if res.as_ref().is_ok_and(|x| x.ok) {
+                self.fleet.metrics().rollback("operator");
+            }
             let (state, reason) = match res {
                 Ok(x) if x.ok => (
                     "rolled_back".to_string(),

@@ -114,6 +114,9 @@ pub enum Failure {
     Unhealthy,
     /// The host rolled the release back on its own (probation failure, deadline).
     RolledBackByHost,
+    /// A resource gate failed on the host (ceiling or regression against the
+    /// previous release's steady state); the host rolled back.
+    ResourceRegression,
     /// Anything else the agent reported.
     Other,
 }
@@ -127,6 +130,7 @@ impl Failure {
             Failure::HookFailed => "hook_failed",
             Failure::Unhealthy => "unhealthy",
             Failure::RolledBackByHost => "rolled_back_by_host",
+            Failure::ResourceRegression => "resource_regression",
             Failure::Other => "other",
         }
     }
@@ -136,7 +140,8 @@ impl Failure {
         match pb::FailureKind::try_from(k).unwrap_or(pb::FailureKind::Unspecified) {
             pb::FailureKind::StageFailed => Failure::StageFailed,
             pb::FailureKind::HookFailed => Failure::HookFailed,
-            pb::FailureKind::Unhealthy | pb::FailureKind::ResourceRegression => Failure::Unhealthy,
+            pb::FailureKind::Unhealthy => Failure::Unhealthy,
+            pb::FailureKind::ResourceRegression => Failure::ResourceRegression,
             pb::FailureKind::RolledBackByHost => Failure::RolledBackByHost,
             _ => Failure::Other,
         }
@@ -197,6 +202,24 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// Hosts that rolled the release back on their own.
+    pub fn host_rollbacks(&self) -> usize {
+        self.hosts
+            .values()
+            .filter(|h| {
+                matches!(
+                    h.failure,
+                    Some(
+                        Failure::Unhealthy
+                            | Failure::HookFailed
+                            | Failure::RolledBackByHost
+                            | Failure::ResourceRegression
+                    )
+                )
+            })
+            .count()
+    }
+
     /// Failed hosts.
     pub fn failures(&self) -> usize {
         self.hosts.values().filter(|h| h.failure.is_some()).count()

@@ -47,6 +47,8 @@
 //! max_rss = "512MiB"         # or integer bytes; units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB
 //! max_cpu_percent = 80.0     # share of one core, > 0 (may exceed 100 on several cores)
 //! sustained_samples = 3      # consecutive samples over a ceiling before it counts; default 3
+//! max_rss_ratio = 1.5        # regression gate: RSS over 1.5x the previous release's steady state on the host
+//! max_cpu_ratio = 2.0        # regression gate: CPU % over 2x the previous release's steady state
 //!
 //! [targets]                  # required; at least one of:
 //! hosts = ["web-1"]          # host names as agents register them
@@ -59,6 +61,7 @@
 //! pause_after_canary = false # wait for `rollout promote` after each canary stage but the last
 //! max_unavailable = 1        # or "25%": hosts updating at once; splits batches (default 1)
 //! max_failures = 0           # or "10%" (rounded down): failures tolerated before halting (default 0)
+//! max_host_rollbacks = 1     # or "20%": hosts that rolled themselves back before halting (default: off)
 //! auto_rollback = true       # past the budget, roll back every updated host (default true)
 //! min_healthy_time = "10s"   # healthy continuously this long to pass a batch (default 10s)
 //! healthy_deadline = "5m"    # ... within this long after start (default 5m)
@@ -346,6 +349,11 @@ pub struct Strategy {
     pub max_unavailable: Count,
     /// Failures tolerated before the rollout halts.
     pub max_failures: Count,
+    /// Hosts that roll the release back on their own (unhealthy, hook or
+    /// resource gate failures) tolerated before the rollout halts; `None`: only
+    /// `max_failures` applies.
+    #[serde(default)]
+    pub max_host_rollbacks: Option<Count>,
     /// Past the budget, roll back every host this rollout changed.
     pub auto_rollback: bool,
     /// The whole rollout fails when it has not finished within this long.
@@ -364,6 +372,7 @@ impl Default for Strategy {
             pause_after_canary: false,
             max_unavailable: Count::Absolute(1),
             max_failures: Count::Absolute(0),
+            max_host_rollbacks: None,
             auto_rollback: true,
             progress_deadline: DEFAULT_PROGRESS_DEADLINE,
             stage_parallelism: DEFAULT_STAGE_PARALLELISM,
@@ -597,6 +606,8 @@ struct RawThresholds {
     max_rss: Option<ByteSize>,
     max_cpu_percent: Option<f64>,
     sustained_samples: Option<u32>,
+    max_rss_ratio: Option<f64>,
+    max_cpu_ratio: Option<f64>,
 }
 
 /// Bytes, written as an integer or a string like `"512MiB"`.
@@ -681,6 +692,7 @@ struct RawStrategy {
     pause_after_canary: Option<bool>,
     max_unavailable: Option<Count>,
     max_failures: Option<Count>,
+    max_host_rollbacks: Option<Count>,
     auto_rollback: Option<bool>,
     #[serde(default, deserialize_with = "opt_duration")]
     min_healthy_time: Option<Duration>,
@@ -1079,10 +1091,24 @@ impl RawThresholds {
             Some(0) => return Err(bad("thresholds.sustained_samples", "must be at least 1")),
             Some(n) => n,
         };
+        let ratio = |key: &'static str, v: Option<f64>| -> Result<f64, Bad> {
+            match v {
+                None => Ok(0.0),
+                Some(r) if r.is_finite() && r >= 1.0 => Ok(r),
+                Some(r) => Err(bad(
+                    key,
+                    format!(
+                        "{r} must be a multiple of at least 1.0 of the previous release's steady state, e.g. 1.5"
+                    ),
+                )),
+            }
+        };
         Ok(pb::Thresholds {
             max_rss_bytes,
             max_cpu_percent,
             sustained_samples,
+            max_rss_ratio: ratio("thresholds.max_rss_ratio", self.max_rss_ratio)?,
+            max_cpu_ratio: ratio("thresholds.max_cpu_ratio", self.max_cpu_ratio)?,
         })
     }
 }
@@ -1210,6 +1236,7 @@ impl RawStrategy {
             pause_after_canary,
             max_unavailable,
             max_failures,
+            max_host_rollbacks: self.max_host_rollbacks,
             auto_rollback: self.auto_rollback.unwrap_or(true),
             progress_deadline,
             stage_parallelism: parallelism(
@@ -1441,7 +1468,9 @@ hosts = ["web-1"]
             Some(pb::Thresholds {
                 max_rss_bytes: 512 << 20,
                 max_cpu_percent: 80.0,
-                sustained_samples: 4
+                sustained_samples: 4,
+                max_rss_ratio: 0.0,
+                max_cpu_ratio: 0.0,
             })
         );
         assert_eq!(
@@ -1469,6 +1498,7 @@ hosts = ["web-1"]
                 pause_after_canary: true,
                 max_unavailable: Count::Percent(25.0),
                 max_failures: Count::Percent(10.0),
+                max_host_rollbacks: None,
                 auto_rollback: false,
                 progress_deadline: Duration::from_secs(3600),
                 stage_parallelism: 8,

@@ -76,6 +76,17 @@ pub async fn run(
     })?;
     let store = Store::open(&config.data_dir.join("state"))?;
     let fleet = Arc::new(Fleet::new(store.clone()));
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .map_err(|e| ServeError::Transport(format!("metrics_listen {addr}: {e}")))?;
+            let metrics = Arc::new(crate::metrics::Metrics::new());
+            fleet.metrics().set(metrics.clone());
+            Some((listener, metrics))
+        }
+        None => None,
+    };
     let artifacts = Artifacts::new(config.data_dir.join("artifacts"), config.max_artifact_bytes);
     let engine = Engine::new(
         store,
@@ -85,6 +96,15 @@ pub async fn run(
     );
     engine.resume_all()?;
     engine.spawn_reconciler();
+    if let Some((listener, metrics)) = metrics {
+        info!(addr = ?listener.local_addr().ok(), "serving Prometheus metrics on /metrics");
+        let (engine, cancel) = (engine.clone(), cancel.child_token());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, metrics, engine, cancel).await {
+                tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     let secure = tls.is_some();
     let agent = agent_service::AgentApi {
         fleet,
