@@ -130,6 +130,15 @@ enum Cmd {
     },
     /// Hosts: labels, connection, release, phase, health, CPU, memory.
     Hosts,
+    /// The hosts table, refreshed in place.
+    Top {
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (0: until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
     /// Rollouts and per-host history of a service.
     History {
         /// Service.
@@ -356,6 +365,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Rollback { service, to } => {
             Ok(cli::rollback(&conn, &service, to.as_deref(), output, out).await?)
         }
+        Cmd::Top {
+            interval,
+            iterations,
+        } => cli::top(&conn, interval, iterations, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
         Cmd::Hosts => cli::hosts(&conn, output, out)
             .await
             .map(|()| true)

@@ -379,3 +379,46 @@ async fn host_rollbacks_past_max_host_rollbacks_halt_the_fleet_rollout() -> Resu
     c.all_serving("v1").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn rollout_top_refreshes_the_live_hosts_table() -> Result<()> {
+    let c = Cluster::start(5, |_| vec![]).await?;
+    deploy_v1(&c).await?;
+    let out = c
+        .coord
+        .cli(&["top", "--interval", "100ms", "--iterations", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("\x1b[H\x1b[2J").count(), 3, "{text}");
+    for h in ["h1", "h2", "h3", "h4", "h5"] {
+        assert_eq!(text.matches(&format!("\n{h} ")).count(), 3, "{h}: {text}");
+    }
+    assert!(text.contains("web=v1"), "{text}");
+    // JSON: one document per refresh, each listing every host with its service.
+    let out = c.coord.cli(&[
+        "--output",
+        "json",
+        "top",
+        "--interval",
+        "100ms",
+        "--iterations",
+        "2",
+    ]);
+    assert!(out.status.success());
+    let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()?;
+    assert_eq!(docs.len(), 2);
+    for d in &docs {
+        let hosts = d.as_array().expect("array");
+        assert_eq!(hosts.len(), 5);
+        assert!(hosts.iter().all(|h| h["connected"] == true
+            && h["services"][0]["release"] == "v1"
+            && h["mem_total_bytes"].as_u64() > Some(0)));
+    }
+    Ok(())
+}

@@ -593,6 +593,46 @@ fn health_name(h: i32) -> &'static str {
 /// `rollout hosts`.
 pub async fn hosts(conn: &Connection, output: Output, out: &mut dyn Write) -> Result<(), CliError> {
     let mut client = Client::connect(conn).await?;
+    hosts_with(&mut client, output, out).await
+}
+
+/// `rollout top`: the hosts table refreshed in place every `interval`, until
+/// `iterations` refreshes (0 = until interrupted).
+pub async fn top(
+    conn: &Connection,
+    interval: Duration,
+    iterations: u64,
+    output: Output,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let mut client = Client::connect(conn).await?;
+    let mut n = 0u64;
+    loop {
+        if output == Output::Table {
+            // Home the cursor and clear the screen: refresh in place.
+            write!(out, "\x1b[H\x1b[2J")?;
+            writeln!(
+                out,
+                "rollout top — {}  (every {})",
+                client.url,
+                humantime::format_duration(interval)
+            )?;
+        }
+        hosts_with(&mut client, output, out).await?;
+        out.flush()?;
+        n += 1;
+        if iterations != 0 && n >= iterations {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn hosts_with(
+    client: &mut Client,
+    output: Output,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let r = client
         .inner
         .list_hosts(pb::ListHostsRequest {})
