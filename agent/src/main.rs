@@ -45,6 +45,9 @@ enum Cmd {
         /// Agent config file (TOML).
         #[arg(long, default_value = "/etc/rollout/agent.toml")]
         config: PathBuf,
+        /// Log format (overrides the config's [log] format).
+        #[arg(long, value_parser = ["human", "json"])]
+        log_format: Option<String>,
     },
     /// Show every service on this host: release, phase, health, CPU, memory.
     Status {
@@ -167,8 +170,15 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 async fn run_cli(cmd: Cmd) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match cmd {
-        Cmd::Run { config } => {
-            let cfg = AgentConfig::load(&config, &host_name())?;
+        Cmd::Run { config, log_format } => {
+            let mut cfg = AgentConfig::load(&config, &host_name())?;
+            if let Some(f) = log_format {
+                cfg.log_format = if f == "json" {
+                    LogFormat::Json
+                } else {
+                    LogFormat::Human
+                };
+            }
             init_logging(cfg.log_format, &cfg.log_level);
             let _ = rustls::crypto::ring::default_provider().install_default();
             let cancel = CancellationToken::new();

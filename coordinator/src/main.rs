@@ -49,6 +49,9 @@ enum Cmd {
         /// Listen address (overrides the config).
         #[arg(long)]
         listen: Option<String>,
+        /// Log format (overrides the config's [log] format).
+        #[arg(long, value_parser = ["human", "json"])]
+        log_format: Option<String>,
     },
     /// A local fleet in one command: a coordinator and agents on loopback with a
     /// throw-away CA; deploys v1, rolls out v2, then an unhealthy v3 that is
@@ -217,8 +220,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut stdout = std::io::stdout().lock();
     let out: &mut dyn std::io::Write = &mut stdout;
     match cli.command {
-        Cmd::Serve { config, listen } => {
+        Cmd::Serve {
+            config,
+            listen,
+            log_format,
+        } => {
             let mut cfg = CoordinatorConfig::load(&config)?;
+            if let Some(f) = log_format {
+                cfg.log_json = f == "json";
+            }
             if let Some(l) = listen {
                 cfg.listen = l
                     .parse()

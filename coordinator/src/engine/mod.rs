@@ -206,6 +206,17 @@ impl Engine {
         let events = f(&mut r)?;
         r.updated_at_ms = now_ms();
         self.store.save_rollout(&r, &events)?;
+        for e in &events {
+            info!(
+                rollout = %r.id,
+                service = %r.service,
+                release = %r.release,
+                host = e.host.as_deref().unwrap_or("-"),
+                kind = %e.kind,
+                "{}",
+                e.message
+            );
+        }
         let _ = self.changes.send(id.to_string());
         Ok(r)
     }
