@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "proto/rollout/v1/agent.proto",
     "proto/rollout/v1/admin.proto",
     "proto/rollout/v1/control.proto",
+    "proto/rollout/v1/join.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -15,6 +15,8 @@
 //! * [`host_stats`]: host and process CPU/memory from sysinfo.
 //! * [`report`]: wire reports built from the engine's views.
 //! * [`session`]: the outbound stream to the coordinator, with backoff.
+//! * [`join`]: `rollout-agent join`: key and CSR on the host, a certificate
+//!   from the coordinator for a single-use token.
 //! * [`admin`]: the local admin API on a Unix socket.
 //! * [`metrics`]: Prometheus `/metrics` over plain HTTP (`metrics_listen`).
 //! * [`agent`]: wires everything together; [`agent::run`] is what the binary
@@ -25,8 +27,10 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod docs;
 pub mod health;
 pub mod host_stats;
+pub mod join;
 pub mod layout;
 pub mod metrics;
 pub mod release;

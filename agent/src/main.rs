@@ -1,5 +1,6 @@
-//! `rollout-agent`: the host daemon (`run`) and the local admin commands
-//! (`status`, `releases`, `rollback`) that talk to it over its Unix socket.
+//! `rollout-agent`: the host daemon (`run`), joining the fleet (`join`), and
+//! the local admin commands (`status`, `releases`, `rollback`) that talk to it
+//! over its Unix socket.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,38 @@ enum Cmd {
         #[arg(long, value_parser = ["human", "json"])]
         log_format: Option<String>,
     },
+    /// Join the fleet with a token from `rollout token create`: generates this
+    /// host's key (it never leaves the host), has the coordinator sign it, and
+    /// writes agent.pem, agent.key (0600) and ca.pem into --dir.
+    Join {
+        /// Coordinator URL, e.g. https://coordinator.internal:7443.
+        #[arg(long)]
+        coordinator: String,
+        /// The single-use token.
+        #[arg(
+            long,
+            env = "ROLLOUT_JOIN_TOKEN",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
+        token: String,
+        /// The fleet's CA certificate (ca.pem from `rollout certs init`); the
+        /// coordinator is verified against it.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Host name to join as (default: this machine's host name).
+        #[arg(long)]
+        host: Option<String>,
+        /// Where to write agent.pem, agent.key and ca.pem.
+        #[arg(long, default_value = "/etc/rollout")]
+        dir: PathBuf,
+        /// Agent config to write if it does not exist (else the lines to add are printed).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// data_dir for a written config (default: the agent's default).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Show every service on this host: release, phase, health, CPU, memory.
     Status {
         #[command(flatten)]
@@ -73,6 +106,18 @@ enum Cmd {
         reason: String,
         #[command(flatten)]
         socket: SocketArgs,
+    },
+    /// Print a shell completion script, e.g. `rollout-agent completions bash`.
+    Completions {
+        /// Shell to complete for.
+        #[arg(value_enum)]
+        shell: rollout_agent::docs::Shell,
+    },
+    /// Write the man pages (rollout-agent.1 and one per subcommand) into a directory.
+    Man {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -170,6 +215,16 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 async fn run_cli(cmd: Cmd) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match cmd {
+        Cmd::Completions { shell } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            rollout_agent::docs::write_completions(shell, command, &mut out)?;
+        }
+        Cmd::Man { out: dir } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let pages = rollout_agent::docs::write_man_pages(command, &dir)
+                .with_context(|| format!("write man pages to {}", dir.display()))?;
+            writeln!(out, "wrote {} man pages to {}", pages.len(), dir.display())?;
+        }
         Cmd::Run { config, log_format } => {
             let mut cfg = AgentConfig::load(&config, &host_name())?;
             if let Some(f) = log_format {
@@ -197,6 +252,28 @@ async fn run_cli(cmd: Cmd) -> Result<()> {
                 c.cancel();
             });
             rollout_agent::agent::run(cfg, cancel).await?;
+        }
+        Cmd::Join {
+            coordinator,
+            token,
+            ca,
+            host,
+            dir,
+            config,
+            data_dir,
+        } => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let opts = rollout_agent::join::JoinOptions {
+                coordinator,
+                token,
+                ca,
+                host: host.unwrap_or_else(host_name),
+                dir,
+                config,
+                data_dir,
+            };
+            let joined = rollout_agent::join::join(&opts).await?;
+            print_joined(&mut out, &joined)?;
         }
         Cmd::Status { socket } => {
             let mut client = admin_client(&socket).await?;
@@ -349,6 +426,34 @@ async fn run_cli(cmd: Cmd) -> Result<()> {
                     health_name(s.health)
                 )?,
             }
+        }
+    }
+    Ok(())
+}
+
+fn print_joined(out: &mut dyn std::io::Write, j: &rollout_agent::join::Joined) -> Result<()> {
+    use rollout_agent::join::ConfigOutcome;
+    writeln!(out, "joined the fleet as {}", j.host)?;
+    writeln!(
+        out,
+        "wrote {} (mode 0600; generated here, never sent), {} and {}",
+        j.key.display(),
+        j.cert.display(),
+        j.ca.display()
+    )?;
+    match &j.config {
+        ConfigOutcome::Written(p) => writeln!(
+            out,
+            "wrote {0}; start the agent with: rollout-agent run --config {0}",
+            p.display()
+        )?,
+        ConfigOutcome::Exists(p, text) => writeln!(
+            out,
+            "{} exists and was left as is; set these keys in it (the [coordinator] section, host and labels):\n\n{text}",
+            p.display()
+        )?,
+        ConfigOutcome::NotAsked(text) => {
+            writeln!(out, "agent config lines for this host:\n\n{text}")?
         }
     }
     Ok(())

@@ -53,6 +53,7 @@ struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    ca_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +72,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Its key.
     pub key: PathBuf,
+    /// The CA's private key: lets the coordinator sign the CSRs of agents
+    /// joining with a token (`rollout-agent join`). `None`: joining is off and
+    /// agent certificates come from `rollout certs init --agent`.
+    pub ca_key: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -145,6 +150,7 @@ impl CoordinatorConfig {
                 ca: t.ca,
                 cert: t.cert,
                 key: t.key,
+                ca_key: t.ca_key,
             }),
             log_json,
             log_level: raw.log.level.unwrap_or_else(|| "info".into()),
@@ -166,6 +172,13 @@ mod tests {
         let text = "metrics_listen = \"127.0.0.1:9102\"";
         let c = CoordinatorConfig::parse(text, Path::new("c.toml")).expect("metrics");
         assert_eq!(c.metrics_listen, Some(([127, 0, 0, 1], 9102).into()));
+        let text = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nca_key = \"d\"";
+        let c = CoordinatorConfig::parse(text, Path::new("c.toml")).expect("ca_key");
+        assert_eq!(
+            c.tls.and_then(|t| t.ca_key),
+            Some(PathBuf::from("d")),
+            "ca_key enables joining"
+        );
         for (text, needle) in [
             ("lisen = \"x\"", "lisen"),
             ("listen = \"nope\"", "listen"),

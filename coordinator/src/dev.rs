@@ -234,6 +234,7 @@ pub async fn run(
             ca: pki.join("ca.pem"),
             cert: pki.join("coordinator.pem"),
             key: pki.join("coordinator.key"),
+            ca_key: None,
         }),
         log_json: false,
         log_level: "info".into(),

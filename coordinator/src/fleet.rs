@@ -1,6 +1,8 @@
 //! The live fleet registry: which agents are connected, their labels and last
 //! report, and the command round-trip over each agent's stream (commands down,
-//! results matched back by command id).
+//! results matched back by command id). It also holds the removed hosts
+//! (`rollout hosts remove`, see [`crate::join`]): [`Fleet::admit`] refuses
+//! their certificates, [`Fleet::remove_host`] closes their stream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -13,7 +15,9 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use crate::engine::model::{HostRecord, now_ms};
-use crate::store::Store;
+use crate::join::HostRevocation;
+use crate::store::{Store, StoreError};
+use crate::tls::Identity;
 
 /// Why a command did not get a result.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,6 +33,18 @@ pub enum FleetError {
         /// Time waited.
         after: Duration,
     },
+}
+
+/// What [`Fleet::remove_host`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovedHost {
+    /// The host was connected or remembered (else the name may be a typo;
+    /// it is revoked all the same).
+    pub was_known: bool,
+    /// A live stream was closed.
+    pub was_connected: bool,
+    /// When the removal took effect (unix ms).
+    pub removed_at_ms: i64,
 }
 
 /// Outbound half of an agent stream.
@@ -51,6 +67,8 @@ struct Known {
 pub struct Fleet {
     conns: Mutex<HashMap<String, Conn>>,
     known: Mutex<BTreeMap<String, Known>>,
+    /// Removed hosts, by name; read on every agent RPC, so cached here.
+    revoked: Mutex<HashMap<String, HostRevocation>>,
     store: Store,
     changes: broadcast::Sender<String>,
     next: AtomicU64,
@@ -78,10 +96,17 @@ impl Fleet {
                 },
             );
         }
+        let revoked = store
+            .revocations()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.host.clone(), r))
+            .collect();
         let (changes, _) = broadcast::channel(1024);
         Fleet {
             conns: Mutex::new(HashMap::new()),
             known: Mutex::new(known),
+            revoked: Mutex::new(revoked),
             store,
             changes,
             next: AtomicU64::new(1),
@@ -115,6 +140,69 @@ impl Fleet {
         {
             warn!(host, error = %e, "cannot persist host");
         }
+    }
+
+    /// Refuses the certificate of a removed host (`PermissionDenied`), unless a
+    /// join after the removal issued it. Called on every agent RPC.
+    pub fn admit(&self, id: &Identity) -> Result<(), Status> {
+        let revoked = self
+            .revoked
+            .lock()
+            .map_err(|_| Status::internal("revocation list unavailable"))?;
+        crate::join::check_admitted(id, revoked.get(&id.name))
+    }
+
+    /// `rollout hosts remove`: records the removal (durably, before anything
+    /// else), closes the host's live stream with the refusal its agent will
+    /// log, and forgets the host.
+    pub fn remove_host(&self, host: &str) -> Result<RemovedHost, StoreError> {
+        let revocation = HostRevocation::new(host, now_ms());
+        {
+            let mut revoked = self.revoked.lock().map_err(|_| StoreError::Backend {
+                context: "revoke host".into(),
+                message: "revocation list poisoned".into(),
+            })?;
+            self.store.revoke_host(&revocation)?;
+            revoked.insert(host.to_string(), revocation.clone());
+        }
+        let conn = self.conns.lock().ok().and_then(|mut c| c.remove(host));
+        let was_connected = conn.is_some();
+        if let Some(conn) = conn {
+            // The agent sees this status as the end of its stream; dropping
+            // the sender (and the pending commands) ends it in any case.
+            let _ = conn.tx.try_send(Err(revocation.refusal()));
+        }
+        let was_known = self
+            .known
+            .lock()
+            .map(|mut k| k.remove(host).is_some())
+            .unwrap_or(false);
+        info!(
+            host,
+            was_connected, "host removed; its certificates are refused"
+        );
+        let _ = self.changes.send(host.to_string());
+        Ok(RemovedHost {
+            was_known: was_known || was_connected,
+            was_connected,
+            removed_at_ms: revocation.removed_at_ms,
+        })
+    }
+
+    /// A join issued the certificate `serial` to `host`: if the host was
+    /// removed, that certificate (only) is admitted again.
+    pub fn admit_serial(&self, host: &str, serial: &str) -> Result<(), StoreError> {
+        let mut revoked = self.revoked.lock().map_err(|_| StoreError::Backend {
+            context: "admit certificate".into(),
+            message: "revocation list poisoned".into(),
+        })?;
+        if let Some(r) = revoked.get(host) {
+            let mut next = r.clone();
+            next.admitted_serials.push(serial.to_string());
+            self.store.save_revocation(&next)?;
+            revoked.insert(host.to_string(), next);
+        }
+        Ok(())
     }
 
     /// A new stream from `host`; replaces an older one. Returns its session id.

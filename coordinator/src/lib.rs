@@ -4,7 +4,8 @@
 //! * [`config`]: `coordinator.toml`, validated once.
 //! * [`pki`], [`tls`]: certificates with roles (`rollout certs init`) and the
 //!   mTLS configs; every RPC checks the caller's role.
-//! * [`store`]: rollouts, events and hosts in sled.
+//! * [`store`]: rollouts, events, hosts, join tokens and revocations in sled.
+//! * [`join`]: join tokens (single use, stored hashed) and host revocation.
 //! * [`fleet`]: the live registry of connected agents and the command round-trip.
 //! * [`artifacts`]: artifacts by digest on disk, streamed in chunks.
 //! * [`rollout`]: the release spec ([`rollout::spec`]) and the pure planner
@@ -22,8 +23,10 @@ pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod docs;
 pub mod engine;
 pub mod fleet;
+pub mod join;
 pub mod metrics;
 pub mod pki;
 pub mod rollout;

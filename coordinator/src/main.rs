@@ -131,8 +131,17 @@ enum Cmd {
         #[arg(long)]
         to: Option<String>,
     },
-    /// Hosts: labels, connection, release, phase, health, CPU, memory.
-    Hosts,
+    /// Hosts: labels, connection, release, phase, health, CPU, memory;
+    /// `rollout hosts remove NAME` revokes one.
+    Hosts {
+        #[command(subcommand)]
+        cmd: Option<cli::tokens::HostsCmd>,
+    },
+    /// Join tokens for `rollout-agent join`.
+    Token {
+        #[command(subcommand)]
+        cmd: cli::tokens::TokenCmd,
+    },
     /// The hosts table, refreshed in place.
     Top {
         /// Time between refreshes.
@@ -151,6 +160,18 @@ enum Cmd {
     Events {
         /// Rollout id.
         id: String,
+    },
+    /// Print a shell completion script, e.g. `rollout completions bash`.
+    Completions {
+        /// Shell to complete for.
+        #[arg(value_enum)]
+        shell: rollout_coordinator::docs::Shell,
+    },
+    /// Write the man pages (rollout.1 and one per subcommand) into a directory.
+    Man {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -220,6 +241,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut stdout = std::io::stdout().lock();
     let out: &mut dyn std::io::Write = &mut stdout;
     match cli.command {
+        Cmd::Completions { shell } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            rollout_coordinator::docs::write_completions(shell, command, out)?;
+            Ok(true)
+        }
+        Cmd::Man { out: dir } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let pages = rollout_coordinator::docs::write_man_pages(command, &dir)
+                .map_err(|e| anyhow::anyhow!("write man pages to {}: {e}", dir.display()))?;
+            writeln!(out, "wrote {} man pages to {}", pages.len(), dir.display())?;
+            Ok(true)
+        }
         Cmd::Serve {
             config,
             listen,
@@ -382,7 +415,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .await
             .map(|()| true)
             .map_err(Into::into),
-        Cmd::Hosts => cli::hosts(&conn, output, out)
+        Cmd::Hosts { cmd: Some(cmd) } => cli::tokens::hosts(&conn, cmd, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Token { cmd } => cli::tokens::token(&conn, cmd, output, out)
+            .await
+            .map(|()| true)
+            .map_err(Into::into),
+        Cmd::Hosts { cmd: None } => cli::hosts(&conn, output, out)
             .await
             .map(|()| true)
             .map_err(Into::into),

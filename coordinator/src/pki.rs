@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType,
+    SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -293,6 +293,13 @@ impl fmt::Debug for Ca {
 }
 
 impl Ca {
+    /// A CA from PEM texts (e.g. the coordinator's `[tls] ca` and `ca_key`);
+    /// checks that the key belongs to the certificate.
+    pub fn from_pem(cert_pem: String, key_pem: String) -> Result<Ca, PkiError> {
+        ca_issuer(&cert_pem, &key_pem)?;
+        Ok(Ca { cert_pem, key_pem })
+    }
+
     /// Issues a fresh key pair and certificate; see [`issue`].
     pub fn issue(
         &self,
@@ -484,6 +491,18 @@ pub fn sign_csr(
     Ok(params.signed_by(&csr.public_key, &issuer)?.pem())
 }
 
+/// Checks that a PEM CSR parses and is signed by its own key (proof of
+/// possession), without issuing anything: a join checks this before it
+/// spends the token.
+pub fn verify_csr(csr_pem: &str) -> Result<(), PkiError> {
+    CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|e| PkiError::Parse {
+            what: "certificate signing request",
+            reason: e.to_string(),
+        })
+}
+
 /// Generates a key pair and a CSR for `name`; returns `(csr_pem, key_pem)`.
 /// The key stays with the caller (an agent joining the fleet).
 pub fn generate_csr(name: &str) -> Result<(String, String), PkiError> {
@@ -580,6 +599,14 @@ fn leaf_params(
         ],
     };
     params.use_authority_key_identifier_extension = true;
+    // A random serial (rcgen's default derives it from the public key), so
+    // every certificate is told apart, even two for the same key; host
+    // revocation admits re-joined certificates by serial.
+    let mut serial = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<Vec<_>, _>>()?;
     set_validity(&mut params, validity)?;
     Ok(params)
@@ -831,6 +858,27 @@ mod tests {
             ca.sign_csr("garbage", Role::Agent, "x", &[], Validity::leaf_default())
                 .is_err()
         );
+        verify_csr(&csr).expect("a fresh CSR verifies");
+        assert!(verify_csr("garbage").is_err());
+        // Two certificates for the same key still get distinct serials.
+        let again = ca
+            .sign_csr(&csr, Role::Agent, "db-8", &[], Validity::leaf_default())
+            .expect("sign again");
+        let serial = |pem: &str| {
+            crate::tls::Identity::from_pem(pem)
+                .expect("identity")
+                .serial
+        };
+        assert_ne!(serial(&cert), serial(&again));
+        let ca2 = Ca::from_pem(ca.cert_pem.clone(), ca.key_pem.clone()).expect("from_pem");
+        assert_eq!(ca2.cert_pem, ca.cert_pem);
+        let other = tempfile::tempdir().expect("tempdir");
+        init(other.path(), &[], &[]).expect("other");
+        let other = load_ca(other.path()).expect("other ca");
+        assert!(matches!(
+            Ca::from_pem(ca.cert_pem.clone(), other.key_pem),
+            Err(PkiError::KeyMismatch)
+        ));
     }
 
     #[test]

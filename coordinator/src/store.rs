@@ -1,7 +1,8 @@
 //! What the coordinator persists, in sled: rollouts (every transition written
-//! and flushed before it is acted on), their event logs, and the last known
-//! state of every host. One narrow interface, so a replicated backend can
-//! replace sled later.
+//! and flushed before it is acted on), their event logs, the last known
+//! state of every host, join tokens (`token/<sha256>`, never the token) and
+//! removed hosts (`revoked/<host>`). One narrow interface, so a replicated
+//! backend can replace sled later.
 
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::engine::model::{Event, HostRecord, Rollout};
+use crate::join::{HostRevocation, TokenRecord, TokenRefusal};
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -150,5 +152,221 @@ impl Store {
             .map_err(backend("remove host"))?;
         self.db.flush().map_err(backend("flush"))?;
         Ok(())
+    }
+
+    /// Stores a new join token, pruning tokens spent or expired long ago
+    /// (one batch, flushed).
+    pub fn save_token(&self, t: &TokenRecord, now_ms: i64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.db.scan_prefix(b"token/") {
+            let (k, v) = kv.map_err(backend("scan tokens"))?;
+            let old: TokenRecord = decode(&k, &v)?;
+            if old.prunable(now_ms) {
+                batch.remove(k);
+            }
+        }
+        let key = format!("token/{}", t.hash);
+        batch.insert(key.as_bytes(), encode(&key, t)?);
+        self.db.apply_batch(batch).map_err(backend("write token"))?;
+        self.db.flush().map_err(backend("flush"))?;
+        Ok(())
+    }
+
+    /// A join token by the hash of the token.
+    pub fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let key = format!("token/{hash}");
+        match self.db.get(key.as_bytes()).map_err(backend("read token"))? {
+            Some(v) => Ok(Some(decode(key.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Spends the token with `hash` for `host` at `now_ms` if it admits it:
+    /// checked and marked used in one compare-and-swap (two joins racing with
+    /// one token cannot both succeed), flushed before returning. The inner
+    /// `Err` says why the token was refused.
+    pub fn use_token(
+        &self,
+        hash: &str,
+        host: &str,
+        now_ms: i64,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        let key = format!("token/{hash}");
+        loop {
+            let Some(current) = self.db.get(key.as_bytes()).map_err(backend("read token"))? else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let record: TokenRecord = decode(key.as_bytes(), &current)?;
+            if let Err(refusal) = record.check(host, now_ms) {
+                return Ok(Err(refusal));
+            }
+            let spent = record.spent_by(host, now_ms);
+            let swapped = self
+                .db
+                .compare_and_swap(key.as_bytes(), Some(current), Some(encode(&key, &spent)?))
+                .map_err(backend("spend token"))?;
+            if swapped.is_ok() {
+                self.db.flush().map_err(backend("flush"))?;
+                return Ok(Ok(spent));
+            }
+            // Changed under us (another join): read it again.
+        }
+    }
+
+    /// Records a host's removal and forgets the host (one batch, flushed).
+    pub fn revoke_host(&self, r: &HostRevocation) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let key = format!("revoked/{}", r.host);
+        batch.insert(key.as_bytes(), encode(&key, r)?);
+        batch.remove(format!("host/{}", r.host).as_bytes());
+        self.db.apply_batch(batch).map_err(backend("revoke host"))?;
+        self.db.flush().map_err(backend("flush"))?;
+        Ok(())
+    }
+
+    /// Rewrites a revocation (a join admitted a new certificate), flushed.
+    pub fn save_revocation(&self, r: &HostRevocation) -> Result<(), StoreError> {
+        let key = format!("revoked/{}", r.host);
+        self.db
+            .insert(key.as_bytes(), encode(&key, r)?)
+            .map_err(backend("write revocation"))?;
+        self.db.flush().map_err(backend("flush"))?;
+        Ok(())
+    }
+
+    /// Every removed host.
+    pub fn revocations(&self) -> Result<Vec<HostRevocation>, StoreError> {
+        self.scan("revoked/")
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::join::hash_token;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn store_spends_a_token_once_and_keeps_only_its_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let hash = hash_token("secret-token");
+        let labels = BTreeMap::from([("role".to_string(), "web".to_string())]);
+        let rec = TokenRecord::new(
+            hash.clone(),
+            T0,
+            Duration::from_secs(60),
+            labels.clone(),
+            None,
+        );
+        store.save_token(&rec, T0).expect("save");
+        assert_eq!(store.token(&hash).expect("read"), Some(rec));
+        for kv in store.db.iter() {
+            let (k, v) = kv.expect("kv");
+            let all = [k.as_ref(), v.as_ref()].concat();
+            assert!(!String::from_utf8_lossy(&all).contains("secret-token"));
+        }
+
+        let spent = store
+            .use_token(&hash, "web-1", T0 + 1)
+            .expect("store")
+            .expect("first use");
+        assert_eq!(spent.labels, labels);
+        let again = store.use_token(&hash, "web-2", T0 + 2).expect("store");
+        assert!(matches!(again, Err(TokenRefusal::Used { ref host, .. }) if host == "web-1"));
+        let unknown = store
+            .use_token(&hash_token("nope"), "web-1", T0)
+            .expect("store");
+        assert_eq!(unknown, Err(TokenRefusal::Unknown));
+
+        // Reopened: still spent (flushed).
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let r = store.token(&hash).expect("read").expect("kept");
+        assert_eq!(r.used.map(|u| u.host).as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn store_refuses_an_expired_token_without_spending_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let hash = hash_token("t");
+        let rec = TokenRecord::new(
+            hash.clone(),
+            T0,
+            Duration::from_secs(1),
+            BTreeMap::new(),
+            None,
+        );
+        store.save_token(&rec, T0).expect("save");
+        let r = store.use_token(&hash, "h", T0 + 1000).expect("store");
+        assert_eq!(r, Err(TokenRefusal::Expired { at_ms: T0 + 1000 }));
+        assert_eq!(store.token(&hash).expect("read").and_then(|t| t.used), None);
+        // A day later the next `token create` prunes it.
+        let day = crate::join::KEEP_SPENT.as_millis() as i64;
+        let fresh = TokenRecord::new(
+            hash_token("u"),
+            T0,
+            Duration::from_secs(60),
+            BTreeMap::new(),
+            None,
+        );
+        store.save_token(&fresh, T0 + 2000 + day).expect("save");
+        assert_eq!(store.token(&hash).expect("read"), None);
+    }
+
+    #[test]
+    fn concurrent_joins_with_one_token_admit_exactly_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let hash = hash_token("race");
+        let rec = TokenRecord::new(
+            hash.clone(),
+            T0,
+            Duration::from_secs(60),
+            BTreeMap::new(),
+            None,
+        );
+        store.save_token(&rec, T0).expect("save");
+        let wins: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, hash) = (store.clone(), hash.clone());
+                    s.spawn(move || {
+                        store
+                            .use_token(&hash, &format!("h{i}"), T0 + 1)
+                            .expect("store")
+                            .is_ok() as usize
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn revoking_a_host_forgets_it_and_is_remembered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .save_host(&HostRecord {
+                host: "web-1".into(),
+                labels: BTreeMap::new(),
+                last_seen_ms: T0,
+                address: String::new(),
+                report: Vec::new(),
+            })
+            .expect("host");
+        let mut rev = HostRevocation::new("web-1", T0);
+        store.revoke_host(&rev).expect("revoke");
+        assert!(store.hosts().expect("hosts").is_empty());
+        rev.admitted_serials.push("ab".into());
+        store.save_revocation(&rev).expect("admit");
+        assert_eq!(store.revocations().expect("list"), vec![rev]);
     }
 }

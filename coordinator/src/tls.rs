@@ -1,11 +1,15 @@
 //! Mutual TLS for every rollout connection, and per-RPC role checks.
 //!
-//! [`server_tls`] builds a tonic server configuration that **requires** a client
-//! certificate signed by the rollout CA; [`client_tls`] builds the matching
-//! client side. Handlers then call [`peer_identity`] or [`require_role`] to learn
-//! who is calling: the role is read from the Subject OU and the name from the
-//! Subject CN of the verified client certificate (encoding described in
-//! [`crate::pki`]).
+//! [`server_tls`] builds a tonic server configuration that verifies every
+//! client certificate against the rollout CA; [`client_tls`] builds the
+//! matching client side. A client certificate is *optional* at the TLS layer,
+//! only so that `JoinService.Join` (an agent that has no certificate yet,
+//! holding a join token) can be reached: every other handler calls
+//! [`require_role`], which refuses a connection without a certificate
+//! (`Unauthenticated`) or with the wrong role (`PermissionDenied`). The role is
+//! read from the Subject OU and the name from the Subject CN of the verified
+//! client certificate (encoding described in [`crate::pki`]). A certificate
+//! from another CA, or an expired one, still fails the handshake.
 //!
 //! rustls runs with the ring provider only; call [`install_crypto_provider`]
 //! once at start. With TLS 1.3 a client whose certificate the server rejects
@@ -24,8 +28,9 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Server TLS: presents `cert_pem`/`key_pem` and requires every client to
-/// present a certificate signed by `ca_pem` (client auth mandatory).
+/// Server TLS: presents `cert_pem`/`key_pem` and verifies every client
+/// certificate against `ca_pem`. A client may present none (to call
+/// `JoinService.Join`); every other RPC refuses it in [`require_role`].
 pub fn server_tls(
     ca_pem: impl AsRef<[u8]>,
     cert_pem: impl AsRef<[u8]>,
@@ -34,7 +39,7 @@ pub fn server_tls(
     ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(ca_pem))
-        .client_auth_optional(false)
+        .client_auth_optional(true)
 }
 
 /// Client TLS: trusts only `ca_pem` for the server and presents
@@ -63,6 +68,10 @@ pub struct Identity {
     pub role: Role,
     /// The identity (Subject CN): a host name for agents.
     pub name: String,
+    /// The certificate's serial number (lowercase hex): tells apart the
+    /// certificates of one host, so a removed host's old certificates stay
+    /// refused while the one from a new join is admitted.
+    pub serial: String,
 }
 
 impl Identity {
@@ -105,7 +114,11 @@ impl Identity {
         if name.is_empty() {
             return Err("the certificate's common name is empty".to_string());
         }
-        Ok(Identity { role, name })
+        Ok(Identity {
+            role,
+            name,
+            serial: hex::encode(cert.raw_serial()),
+        })
     }
 
     /// Reads role and name from the first certificate of a PEM text.
@@ -368,16 +381,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tls_client_without_certificate_fails_on_first_call() {
+    async fn tls_client_without_certificate_is_refused_by_the_role_check() {
         let tmp = tempfile::tempdir().expect("tempdir");
         pki::init(tmp.path(), &[], &[]).expect("init");
         let addr = serve(tmp.path()).await;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&pki::ca_paths(tmp.path()).cert)));
+        // The handshake lets it in (for JoinService.Join); the handler does not.
         let err = first_call(addr, tls)
             .await
             .expect_err("no client certificate must be refused");
-        assert_rejected_by_tls(&err);
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains("no client certificate"), "{err:?}");
     }
 
     #[tokio::test]
@@ -408,13 +423,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let out = pki::init(tmp.path(), &[], &["db-1".to_string()]).expect("init");
         let id = Identity::from_pem(&read(&out.agents[0].1.cert)).expect("agent id");
-        assert_eq!(
-            id,
-            Identity {
-                role: Role::Agent,
-                name: "db-1".into()
-            }
-        );
+        assert_eq!((id.role, id.name.as_str()), (Role::Agent, "db-1"));
+        assert!(!id.serial.is_empty());
         let id = Identity::from_pem(&read(&out.coordinator.cert)).expect("coord id");
         assert_eq!(id.role, Role::Coordinator);
         // The CA has no role and can never pass as a peer.
@@ -428,10 +438,12 @@ mod tests {
         let op = Identity {
             role: Role::Operator,
             name: "operator".into(),
+            serial: "01".into(),
         };
         let agent = Identity {
             role: Role::Agent,
             name: "web-1".into(),
+            serial: "02".into(),
         };
         assert!(check_role(&op, &[Role::Operator]).is_ok());
         let err = check_role(&op, &[Role::Agent]).expect_err("operator is no agent");

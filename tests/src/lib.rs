@@ -11,6 +11,8 @@
 
 pub mod cluster;
 pub mod coordinator;
+pub mod docker;
+pub mod join_harness;
 pub mod tls_cluster;
 
 use std::collections::HashMap;

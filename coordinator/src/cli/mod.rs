@@ -11,6 +11,7 @@ use rollout_proto::pb::control_service_client::ControlServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub mod release;
+pub mod tokens;
 
 use crate::artifacts::sha256_file;
 use crate::rollout::spec::load_spec;

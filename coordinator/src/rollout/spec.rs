@@ -34,7 +34,7 @@
 //! [[health]]                 # optional, repeatable; all checks must pass
 //! name = "http"              # default "check-<index>"; unique
 //! http = "http://127.0.0.1:8080/health"   # exactly one of http (an http:// URL),
-//! # tcp = "127.0.0.1:8080"                 # tcp (host:port)
+//! # tcp = "127.0.0.1:8080"                 # tcp (host:port; the port may be "${PORT}" from the agent's [env])
 //! # exec = ["./bin/check"]                 # or exec (argv that must exit 0)
 //! expect_status = 200        # http only; default: any 2xx
 //! body_contains = "ok"       # http only
@@ -1018,9 +1018,12 @@ impl RawHealth {
                 body_contains: self.body_contains.unwrap_or_default(),
             })
         } else if let Some(address) = self.tcp {
-            let port_ok = address
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            // A `${NAME}` port is expanded by each agent from its host [env].
+            let port_ok = address.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty()
+                    && (p.parse::<u16>().is_ok_and(|p| p != 0)
+                        || (p.starts_with("${") && p.ends_with('}') && p.len() > 3))
+            });
             if !port_ok {
                 return Err(bad(
                     format!("{key}.tcp"),

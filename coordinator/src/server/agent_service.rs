@@ -1,7 +1,8 @@
 //! `AgentService`: agents' `Connect` streams and artifact downloads.
 //!
 //! With TLS, an agent speaks only for the host named in its certificate: a
-//! hello for another host is refused.
+//! hello for another host is refused; so is every call with the certificate
+//! of a removed host (`rollout hosts remove`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tracing::warn;
 use crate::artifacts::{Artifacts, read_chunk};
 use crate::fleet::Fleet;
 use crate::pki::Role;
+use crate::tls::Identity;
 
 /// The agent-facing service.
 #[derive(Debug, Clone)]
@@ -32,12 +34,13 @@ pub struct AgentApi {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl AgentApi {
-    fn identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+    fn identity<T>(&self, req: &Request<T>) -> Result<Option<Identity>, Status> {
         if !self.tls {
             return Ok(None);
         }
         let id = crate::tls::require_role(req, &[Role::Agent])?;
-        Ok(Some(id.name))
+        self.fleet.admit(&id)?;
+        Ok(Some(id))
     }
 }
 
@@ -50,7 +53,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let cert_host = self.identity(&req)?;
+        let cert = self.identity(&req)?;
         let address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = inbound
@@ -62,13 +65,17 @@ impl AgentService for AgentApi {
                 "the stream must start with a hello",
             ));
         };
-        if let Some(name) = &cert_host
-            && name != &hello.host
-        {
-            return Err(Status::permission_denied(format!(
-                "the certificate is for host {name:?} but the hello speaks for {:?}; an agent may only speak for its own host (set host = {name:?} in its config)",
-                hello.host
-            )));
+        if let Some(id) = &cert {
+            let name = &id.name;
+            if name != &hello.host {
+                return Err(Status::permission_denied(format!(
+                    "the certificate is for host {name:?} but the hello speaks for {:?}; an agent may only speak for its own host (set host = {name:?} in its config)",
+                    hello.host
+                )));
+            }
+            // Again, right before registering: the host may have been removed
+            // while the hello was on its way.
+            self.fleet.admit(id)?;
         }
         let host = hello.host.clone();
         let (tx, rx) = mpsc::channel(256);

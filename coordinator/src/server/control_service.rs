@@ -1,5 +1,6 @@
 //! `ControlService`: the operator API. With TLS, only operator certificates
-//! may call it.
+//! may call it. Join tokens and host removal live in [`super::join_service`]
+//! beside the `Join` RPC they belong to.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +23,9 @@ pub struct ControlApi {
     pub artifacts: Artifacts,
     /// Whether peers present certificates (false only with `--insecure-dev`).
     pub tls: bool,
+    /// Whether the coordinator can sign joining agents (`[tls] ca_key`); a
+    /// join token is refused without it.
+    pub joining: bool,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -305,5 +309,24 @@ impl ControlService for ControlApi {
             })
             .collect();
         Ok(Response::new(pb::EventsResponse { events }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.auth(&req)?;
+        if !self.joining {
+            return Err(super::join_service::joining_off(self.tls));
+        }
+        super::join_service::create_token(self.engine.store(), req.into_inner()).map(Response::new)
+    }
+
+    async fn remove_host(
+        &self,
+        req: Request<pb::RemoveHostRequest>,
+    ) -> Result<Response<pb::RemoveHostResponse>, Status> {
+        self.auth(&req)?;
+        super::join_service::remove_host(self.engine.fleet(), req.into_inner()).map(Response::new)
     }
 }

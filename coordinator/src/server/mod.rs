@@ -1,13 +1,17 @@
-//! The coordinator daemon: agent and control services on one listener, over
-//! mTLS (plaintext only with `--insecure-dev`).
+//! The coordinator daemon: agent, control and join services on one listener,
+//! over mTLS (plaintext only with `--insecure-dev`). A client certificate is
+//! optional at the TLS layer only so that `JoinService.Join` can be reached;
+//! every agent and control RPC checks the caller's certificate and role.
 
 pub mod agent_service;
 pub mod control_service;
+pub mod join_service;
 
 use std::sync::Arc;
 
 use rollout_proto::pb::agent_service_server::AgentServiceServer;
 use rollout_proto::pb::control_service_server::ControlServiceServer;
+use rollout_proto::pb::join_service_server::JoinServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +38,16 @@ pub enum ServeError {
         path: String,
         /// OS error.
         source: std::io::Error,
+    },
+    /// `[tls] ca_key` is unusable.
+    #[error(
+        "[tls] ca_key {path}: {source}; ca_key must be the ca.key from the same `rollout certs init` as [tls] ca (or drop ca_key to turn joining off)"
+    )]
+    CaKey {
+        /// The key file.
+        path: String,
+        /// Why.
+        source: crate::pki::PkiError,
     },
     /// Store failure.
     #[error("{0}; is another coordinator using the same data directory?")]
@@ -69,6 +83,28 @@ pub async fn run(
         }
         (None, true) => None,
         (None, false) => return Err(ServeError::NoTls),
+    };
+    let ca = match config
+        .tls
+        .as_ref()
+        .and_then(|t| Some((t, t.ca_key.as_ref()?)))
+    {
+        Some((t, key)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|source| ServeError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })
+            };
+            let ca = crate::pki::Ca::from_pem(read(&t.ca)?, read(key)?).map_err(|source| {
+                ServeError::CaKey {
+                    path: key.display().to_string(),
+                    source,
+                }
+            })?;
+            Some(Arc::new(ca))
+        }
+        None => None,
     };
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::Read {
         path: config.data_dir.display().to_string(),
@@ -106,6 +142,12 @@ pub async fn run(
         });
     }
     let secure = tls.is_some();
+    let join = join_service::JoinApi {
+        fleet: fleet.clone(),
+        store: engine.store().clone(),
+        ca,
+        tls: secure,
+    };
     let agent = agent_service::AgentApi {
         fleet,
         artifacts: artifacts.clone(),
@@ -115,6 +157,7 @@ pub async fn run(
         engine: engine.clone(),
         artifacts,
         tls: secure,
+        joining: join.ca.is_some(),
     };
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -124,11 +167,12 @@ pub async fn run(
             .tls_config(tls)
             .map_err(|e| ServeError::Transport(e.to_string()))?;
     }
-    info!(addr = ?listener.local_addr().ok(), tls = secure, "coordinator listening");
+    info!(addr = ?listener.local_addr().ok(), tls = secure, joining = join.ca.is_some(), "coordinator listening");
     let max = rollout_proto::MAX_MESSAGE_BYTES;
     let result = builder
         .add_service(AgentServiceServer::new(agent).max_decoding_message_size(max))
         .add_service(ControlServiceServer::new(control).max_decoding_message_size(max))
+        .add_service(JoinServiceServer::new(join).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             cancel.clone().cancelled_owned(),
