@@ -674,6 +674,12 @@ impl Engine {
         if self.check_halt(&r.id, None).await? {
             return Ok(());
         }
+        // The coordinator's own look at the batch: every host in probation
+        // must report its service under the definition's resource ceilings.
+        self.resource_gate(r, &batch).await?;
+        if self.check_halt(&r.id, None).await? {
+            return Ok(());
+        }
         // The batch's gate passed on every surviving host: commit them.
         let r = self.get(&r.id)?;
         if r.state != RolloutState::Running && r.state != RolloutState::Paused {
@@ -771,6 +777,82 @@ impl Engine {
             Ok(events)
         })
         .await?;
+        Ok(())
+    }
+
+    /// Checks the latest reports of the batch's hosts in probation against
+    /// the definition's absolute ceilings; a host over one is failed as
+    /// `resource_regression` (with the numbers) and rolled back.
+    async fn resource_gate(&self, r: &Rollout, batch: &[String]) -> Result<(), EngineError> {
+        let t = r.definition().thresholds.unwrap_or_default();
+        if t.max_rss_bytes == 0 && t.max_cpu_percent <= 0.0 {
+            return Ok(());
+        }
+        let current = self.get(&r.id)?;
+        for h in batch {
+            if current.hosts.get(h).map(|p| p.state) != Some(HostState::Probation) {
+                continue;
+            }
+            let Some(s) = self.fleet.service(h, &r.service) else {
+                continue;
+            };
+            // The steady-state average once the agent has one (a single spike
+            // is the agent's call, with its sustained_samples), else the latest.
+            let rss = if s.steady_rss_bytes > 0 {
+                s.steady_rss_bytes
+            } else {
+                s.rss_bytes
+            };
+            let cpu = if s.steady_rss_bytes > 0 {
+                s.steady_cpu_percent
+            } else {
+                s.cpu_percent
+            };
+            let over = if t.max_rss_bytes > 0 && rss > t.max_rss_bytes {
+                Some(format!(
+                    "coordinator batch gate: rss {rss} bytes over the ceiling of {} bytes",
+                    t.max_rss_bytes
+                ))
+            } else if t.max_cpu_percent > 0.0 && cpu > t.max_cpu_percent {
+                Some(format!(
+                    "coordinator batch gate: cpu {cpu:.1}% over the ceiling of {:.1}%",
+                    t.max_cpu_percent
+                ))
+            } else {
+                None
+            };
+            let Some(reason) = over else { continue };
+            warn!(rollout = %r.id, host = %h, reason = %reason, "resource gate failed");
+            let prev = current
+                .hosts
+                .get(h)
+                .and_then(|p| p.previous_release.clone());
+            let cmd = Cmd::Rollback(pb::Rollback {
+                service: r.service.clone(),
+                to_release: prev.unwrap_or_default(),
+                reason: reason.clone(),
+            });
+            let (timeout, _) = Self::def_timeouts(r);
+            let res = self.fleet.command(h, cmd, timeout).await;
+            let note = match res {
+                Ok(x) if x.ok => reason.clone(),
+                Ok(x) => format!("{reason}; rollback refused: {}", x.error),
+                Err(e) => format!("{reason}; rollback failed: {e}"),
+            };
+            self.update(&r.id, |r| {
+                if let Some(p) = r.hosts.get_mut(h) {
+                    p.state = HostState::Failed;
+                    p.failure = Some(Failure::ResourceRegression);
+                    p.reason = note.clone();
+                }
+                Ok(vec![ev(
+                    Some(h),
+                    "host_failed",
+                    format!("resource_regression: {note}"),
+                )])
+            })
+            .await?;
+        }
         Ok(())
     }
 

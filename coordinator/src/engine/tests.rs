@@ -114,6 +114,8 @@ struct Sim {
     hold_activate: AtomicBool,
     /// The agent switches to the release, then its stream drops (killed mid-batch).
     die_on_activate: AtomicBool,
+    /// RSS the service reports once activated (0: none).
+    rss_on_activate: AtomicU64,
     report: Mutex<pb::ServiceReport>,
     session: AtomicU64,
     seq: AtomicU64,
@@ -172,6 +174,7 @@ impl Sim {
             s.previous_release = std::mem::replace(&mut s.current_release, release.into());
             s.phase = pb::Phase::Probation as i32;
             s.step = "probation".into();
+            s.rss_bytes = me.rss_on_activate.load(Ordering::SeqCst);
         });
     }
 
@@ -1462,4 +1465,46 @@ async fn agent_killed_mid_batch_is_unreachable_and_reconciled_on_return() {
         h.dump(&r)
     );
     engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_fails_a_host_reporting_rss_over_the_ceiling() {
+    let h = Harness::new(3).await;
+    h.sim(&host(2))
+        .rss_on_activate
+        .store(64 << 20, Ordering::SeqCst);
+    for i in [1, 3] {
+        h.sim(&host(i))
+            .rss_on_activate
+            .store(8 << 20, Ordering::SeqCst);
+    }
+    let spec = SPEC_BATCH2.replace(
+        "[targets]",
+        "[thresholds]\nmax_rss = \"32MiB\"\n\n[targets]",
+    );
+    let engine = h.engine();
+    let r = engine.deploy(&spec, &h.digest, h.size).expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let h2 = &r.hosts[&host(2)];
+    assert_eq!(
+        h2.failure,
+        Some(Failure::ResourceRegression),
+        "{}",
+        h.dump(&r)
+    );
+    assert!(
+        h2.reason.contains("67108864") && h2.reason.contains("33554432"),
+        "{}",
+        h2.reason
+    );
+    assert_eq!(h.count(&host(2), "rollback"), 1);
+    assert_eq!(h.count(&host(2), "commit"), 0);
+    for i in [1, 3] {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+    }
 }
