@@ -521,18 +521,17 @@ impl Engine {
             .filter(|(_, p)| p.state == HostState::Pending)
             .map(|(h, _)| h.clone())
             .collect();
-        let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
-            futures::stream::iter(pending.into_iter().map(|h| {
-                let cmd = Cmd::Stage(pb::Stage {
-                    definition: Some(def.clone()),
-                });
-                async move {
-                    let res = self.fleet.command(&h, cmd, stage_timeout).await;
-                    (h, res)
-                }
-            }))
-            .buffer_unordered(r.strategy.stage_parallelism.max(1))
-            .collect()
+        let results = self
+            .fan_out(
+                pending.into_iter().map(|h| {
+                    let cmd = Cmd::Stage(pb::Stage {
+                        definition: Some(def.clone()),
+                    });
+                    (h, cmd)
+                }),
+                stage_timeout,
+                r.strategy.stage_parallelism,
+            )
             .await;
         self.update(&r.id, |r| {
             let mut events = Vec::new();
@@ -690,19 +689,18 @@ impl Engine {
             .filter(|h| r.hosts.get(*h).map(|p| p.state) == Some(HostState::Probation))
             .cloned()
             .collect();
-        let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
-            futures::stream::iter(to_commit.into_iter().map(|h| {
-                let cmd = Cmd::Commit(pb::Commit {
-                    service: r.service.clone(),
-                    release: r.release.clone(),
-                });
-                async move {
-                    let res = self.fleet.command(&h, cmd, COMMAND_SLACK).await;
-                    (h, res)
-                }
-            }))
-            .buffer_unordered(n)
-            .collect()
+        let results = self
+            .fan_out(
+                to_commit.into_iter().map(|h| {
+                    let cmd = Cmd::Commit(pb::Commit {
+                        service: r.service.clone(),
+                        release: r.release.clone(),
+                    });
+                    (h, cmd)
+                }),
+                COMMAND_SLACK,
+                n,
+            )
             .await;
         self.update(&r.id, |r| {
             let mut events = Vec::new();
@@ -854,6 +852,23 @@ impl Engine {
             .await?;
         }
         Ok(())
+    }
+
+    /// Sends one command per host, at most `parallelism` at once, and
+    /// collects each host's result.
+    async fn fan_out(
+        &self,
+        commands: impl Iterator<Item = (String, Cmd)>,
+        timeout: Duration,
+        parallelism: usize,
+    ) -> Vec<(String, Result<pb::CommandResult, FleetError>)> {
+        futures::stream::iter(commands.map(|(h, cmd)| async move {
+            let res = self.fleet.command(&h, cmd, timeout).await;
+            (h, res)
+        }))
+        .buffer_unordered(parallelism.max(1))
+        .collect()
+        .await
     }
 
     /// Activates one host (or reconciles one journaled as activating).
@@ -1075,21 +1090,20 @@ impl Engine {
                 )])
             })
             .await?;
-            let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
-                futures::stream::iter(hosts.into_iter().map(|(h, prev)| {
-                    let cmd = Cmd::Rollback(pb::Rollback {
-                        service: r.service.clone(),
-                        to_release: prev.unwrap_or_default(),
-                        reason: format!("rollout {} halted: {}", r.id, r.message),
-                    });
-                    let (t, _) = Self::def_timeouts(r);
-                    async move {
-                        let res = self.fleet.command(&h, cmd, t).await;
-                        (h, res)
-                    }
-                }))
-                .buffer_unordered(r.strategy.rollback_parallelism.max(1))
-                .collect()
+            let (t, _) = Self::def_timeouts(r);
+            let results = self
+                .fan_out(
+                    hosts.into_iter().map(|(h, prev)| {
+                        let cmd = Cmd::Rollback(pb::Rollback {
+                            service: r.service.clone(),
+                            to_release: prev.unwrap_or_default(),
+                            reason: format!("rollout {} halted: {}", r.id, r.message),
+                        });
+                        (h, cmd)
+                    }),
+                    t,
+                    r.strategy.rollback_parallelism,
+                )
                 .await;
             self.update(&r.id, |r| {
                 let mut events = Vec::new();
