@@ -45,6 +45,14 @@ struct Raw {
     tls: Option<RawTls>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    testing: RawTesting,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTesting {
+    crash_at: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +103,10 @@ pub struct CoordinatorConfig {
     pub log_level: String,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[testing] crash_at`: a test-only crash point, one of
+    /// [`crate::store::CRASH_POINTS`]; honoured only in builds with the
+    /// `crash-points` feature (otherwise ignored with a warning at start).
+    pub crash_at: Option<String>,
 }
 
 /// Default listen address.
@@ -140,6 +152,17 @@ impl CoordinatorConfig {
                 message: format!("{a:?} is not host:port, e.g. \"127.0.0.1:9102\""),
             })?),
         };
+        if let Some(p) = raw.testing.crash_at.as_deref()
+            && !crate::store::CRASH_POINTS.contains(&p)
+        {
+            return Err(ConfigError::Invalid {
+                key: "testing.crash_at".into(),
+                message: format!(
+                    "{p:?} is not a crash point; use one of {}",
+                    crate::store::CRASH_POINTS.join(", ")
+                ),
+            });
+        }
         Ok(CoordinatorConfig {
             listen,
             data_dir: raw
@@ -155,6 +178,7 @@ impl CoordinatorConfig {
             log_json,
             log_level: raw.log.level.unwrap_or_else(|| "info".into()),
             metrics_listen,
+            crash_at: raw.testing.crash_at,
         })
     }
 }
@@ -185,6 +209,7 @@ mod tests {
             ("metrics_listen = \"9102\"", "metrics_listen"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[tls]\nca = \"a\"", "cert"),
+            ("[testing]\ncrash_at = \"nowhere\"", "testing.crash_at"),
         ] {
             let e = CoordinatorConfig::parse(text, Path::new("c.toml"))
                 .expect_err(text)

@@ -239,6 +239,7 @@ pub async fn run(
         log_json: false,
         log_level: "info".into(),
         metrics_listen: None,
+        crash_at: None,
     };
     let server_cancel = cancel.child_token();
     let server = tokio::spawn(crate::server::run(

@@ -3,6 +3,10 @@
 //! state of every host, join tokens (`token/<sha256>`, never the token) and
 //! removed hosts (`revoked/<host>`). One narrow interface, so a replicated
 //! backend can replace sled later.
+//!
+//! Test-only crash points: in builds with the `crash-points` feature, a store
+//! given a point of [`CRASH_POINTS`] (`[testing] crash_at`) SIGKILLs the
+//! process right after the first rollout write that persists it.
 
 use std::path::Path;
 
@@ -56,10 +60,43 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
     })
 }
 
+/// The coordinator's test-only crash points, one per persisted rollout
+/// transition: a point is reached right after (flushed) the first rollout
+/// write carrying an event of that kind, `host_<kind>` for a host's event.
+pub const CRASH_POINTS: &[&str] = &[
+    // The rollout, staging.
+    "created",
+    // Staging results (hosts staged or failed) and the move to running.
+    "running",
+    "batch_started",
+    // A host journaled activating, before its Activate is sent.
+    "host_activating",
+    // A host's Activate answered: verified, in probation.
+    "host_probation",
+    "host_committed",
+    "batch_done",
+    "succeeded",
+    // Canary stage done; then the operator's promote.
+    "waiting_promote",
+    "promoted",
+    "paused",
+    "resumed",
+    "host_failed",
+    // Past the budget: rolling back (or failed).
+    "halted",
+    // A batch of hosts journaled rolling back, before the Rollbacks are sent.
+    "rolling_back",
+    "host_rolled_back",
+    "rolled_back",
+    // The operator's abort.
+    "aborted",
+];
+
 /// The coordinator's sled database.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: sled::Db,
+    crash_at: Option<String>,
 }
 
 impl Store {
@@ -72,7 +109,38 @@ impl Store {
                 context: format!("open {}", dir.display()),
                 message: e.to_string(),
             })?;
-        Ok(Store { db })
+        Ok(Store { db, crash_at: None })
+    }
+
+    /// Arms a test-only crash point (one of [`CRASH_POINTS`]). Builds without
+    /// the `crash-points` feature ignore it with a warning.
+    pub fn with_crash_at(mut self, point: Option<String>) -> Store {
+        if point.is_some() && !cfg!(feature = "crash-points") {
+            tracing::warn!(
+                point = point.as_deref().unwrap_or_default(),
+                "[testing] crash_at is ignored: this build has no crash points"
+            );
+            return self;
+        }
+        self.crash_at = point;
+        self
+    }
+
+    /// Test-only: SIGKILLs the process when this write persisted the armed
+    /// crash point.
+    fn crash_point(&self, events: &[Event]) {
+        let Some(point) = self.crash_at.as_deref() else {
+            return;
+        };
+        let hit = events.iter().any(|e| match &e.host {
+            Some(_) => point.strip_prefix("host_") == Some(e.kind.as_str()),
+            None => point == e.kind,
+        });
+        if hit {
+            tracing::error!(point, "crash point reached; killing the coordinator");
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 
     fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
@@ -102,6 +170,7 @@ impl Store {
             .apply_batch(batch)
             .map_err(backend("write rollout"))?;
         self.db.flush().map_err(backend("flush"))?;
+        self.crash_point(events);
         Ok(())
     }
 

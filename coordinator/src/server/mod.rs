@@ -110,7 +110,7 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let store = Store::open(&config.data_dir.join("state"))?;
+    let store = Store::open(&config.data_dir.join("state"))?.with_crash_at(config.crash_at.clone());
     let fleet = Arc::new(Fleet::new(store.clone()));
     let metrics = match config.metrics_listen {
         Some(addr) => {
