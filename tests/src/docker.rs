@@ -337,6 +337,9 @@ impl AgentSpec {
 pub struct FleetOptions {
     /// The agents, in order.
     pub agents: Vec<AgentSpec>,
+    /// Extra lines appended to `coordinator.toml` (e.g. `[testing]` and
+    /// `crash_at = "..."`); see also [`DockerFleet::set_coordinator_extra`].
+    pub coordinator_extra: Vec<String>,
 }
 
 impl FleetOptions {
@@ -344,6 +347,7 @@ impl FleetOptions {
     pub fn new(n: usize) -> Self {
         FleetOptions {
             agents: (1..=n).map(|i| AgentSpec::new(&format!("h{i}"))).collect(),
+            coordinator_extra: Vec::new(),
         }
     }
 
@@ -408,13 +412,7 @@ impl DockerFleet {
         docker(&["network", "create", "--internal", "--label", &owner, &f.id])?;
         f.network_created = true;
         std::fs::create_dir_all(f.dir.path().join("work"))?;
-        std::fs::write(
-            f.dir.path().join("coordinator.toml"),
-            format!(
-                "listen = \"0.0.0.0:{COORDINATOR_PORT}\"\ndata_dir = \"/var/lib/rollout-coordinator\"\n\
-                 [log]\nlevel = \"info,rollout_coordinator=debug\"\n"
-            ),
-        )?;
+        f.set_coordinator_extra(&opts.coordinator_extra)?;
         let shared = format!("{}:{SHARED}", f.dir.path().display());
         let mut runs = vec![(
             COORDINATOR.to_string(),
@@ -506,6 +504,21 @@ impl DockerFleet {
         .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
+    }
+
+    /// Rewrites the coordinator's config with `extra` lines appended (they
+    /// take effect at its next start, e.g. [`DockerFleet::restart`]).
+    pub fn set_coordinator_extra(&self, extra: &[String]) -> Result<()> {
+        let mut c = format!(
+            "listen = \"0.0.0.0:{COORDINATOR_PORT}\"\ndata_dir = \"/var/lib/rollout-coordinator\"\n\
+             [log]\nlevel = \"info,rollout_coordinator=debug\"\n"
+        );
+        for line in extra {
+            c.push_str(line);
+            c.push('\n');
+        }
+        std::fs::write(self.dir.path().join("coordinator.toml"), c)?;
+        Ok(())
     }
 
     /// The agents' host names, in order.
