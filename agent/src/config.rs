@@ -1,6 +1,11 @@
 //! The agent's configuration: a TOML file resolved into one validated
 //! [`AgentConfig`]. Unknown keys are an error; durations are written like
 //! `"10s"`; every default lives here.
+//!
+//! `[coordinator] keepalive_interval` / `keepalive_timeout` (default 10 s
+//! each, 100 ms..1 h) pace the HTTP/2 pings on the connection to the
+//! coordinator: a silent partition or a frozen coordinator is noticed, and a
+//! reconnect started, within their sum.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,6 +95,10 @@ struct RawCoordinator {
     reconnect_min: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     reconnect_max: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +137,12 @@ pub struct CoordinatorConfig {
     pub reconnect_min: Duration,
     /// Largest reconnect backoff.
     pub reconnect_max: Duration,
+    /// Time between HTTP/2 pings on the connection to the coordinator.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is given up
+    /// (and reconnected): a silent partition or a frozen coordinator is
+    /// noticed within `keepalive_interval + keepalive_timeout`.
+    pub keepalive_timeout: Duration,
 }
 
 /// The validated agent configuration.
@@ -173,6 +188,14 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/rollout";
 pub const DEFAULT_RETAIN: usize = 5;
 /// Default report interval.
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Default time between HTTP/2 pings to the coordinator.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default time a ping to the coordinator may go unanswered.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest keepalive interval or timeout accepted.
+pub const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
+/// Longest keepalive interval or timeout accepted.
+pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
 /// Default admin socket file name inside the data directory.
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
 
@@ -181,6 +204,23 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
         key: key.to_string(),
         message: message.into(),
     }
+}
+
+/// A keepalive setting, or its default; refused outside
+/// [`MIN_KEEPALIVE`]..=[`MAX_KEEPALIVE`].
+fn keepalive(key: &str, v: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v < MIN_KEEPALIVE || v > MAX_KEEPALIVE {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is out of range: use 100ms..1h (default {}); 0 would turn off the check that notices a lost coordinator",
+                humantime::format_duration(v),
+                humantime::format_duration(default)
+            ),
+        ));
+    }
+    Ok(v)
 }
 
 impl AgentConfig {
@@ -313,11 +353,23 @@ impl AgentConfig {
                         "must be at least reconnect_min, and reconnect_min above zero",
                     ));
                 }
+                let keepalive_interval = keepalive(
+                    "coordinator.keepalive_interval",
+                    c.keepalive_interval,
+                    DEFAULT_KEEPALIVE_INTERVAL,
+                )?;
+                let keepalive_timeout = keepalive(
+                    "coordinator.keepalive_timeout",
+                    c.keepalive_timeout,
+                    DEFAULT_KEEPALIVE_TIMEOUT,
+                )?;
                 Some(CoordinatorConfig {
                     url: c.url,
                     tls,
                     reconnect_min,
                     reconnect_max,
+                    keepalive_interval,
+                    keepalive_timeout,
                 })
             }
         };
@@ -393,7 +445,49 @@ mod tests {
         let coord = c.coordinator.expect("coordinator");
         assert!(coord.tls.is_some());
         assert_eq!(coord.reconnect_max, Duration::from_secs(10));
+        assert_eq!(coord.keepalive_interval, DEFAULT_KEEPALIVE_INTERVAL);
+        assert_eq!(coord.keepalive_timeout, DEFAULT_KEEPALIVE_TIMEOUT);
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn keepalive_is_set_and_bounded() {
+        let base = "[coordinator]\nurl = \"http://c:1\"\ninsecure_dev = true\n";
+        let c = parse(&format!(
+            "{base}keepalive_interval = \"1s\"\nkeepalive_timeout = \"500ms\""
+        ))
+        .expect("parses");
+        let coord = c.coordinator.expect("coordinator");
+        assert_eq!(coord.keepalive_interval, Duration::from_secs(1));
+        assert_eq!(coord.keepalive_timeout, Duration::from_millis(500));
+        for (line, key) in [
+            (
+                "keepalive_timeout = \"0s\"",
+                "coordinator.keepalive_timeout",
+            ),
+            (
+                "keepalive_interval = \"0s\"",
+                "coordinator.keepalive_interval",
+            ),
+            (
+                "keepalive_interval = \"50ms\"",
+                "coordinator.keepalive_interval",
+            ),
+            (
+                "keepalive_timeout = \"2h\"",
+                "coordinator.keepalive_timeout",
+            ),
+        ] {
+            let err = parse(&format!("{base}{line}")).expect_err(line).to_string();
+            assert!(
+                err.contains(key) && err.contains("100ms..1h"),
+                "{line}: {err}"
+            );
+        }
+        let err = parse(&format!("{base}keepalive_timeout = \"soon\""))
+            .expect_err("not a duration")
+            .to_string();
+        assert!(err.contains("keepalive_timeout"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! exponential backoff and jitter. Commands arrive on it; results, progress and
 //! reports go back, tagged by command id. Artifacts are fetched over the same
 //! HTTP/2 connection ([`GrpcSource`]).
+//!
+//! HTTP/2 pings every `[coordinator] keepalive_interval`, also while idle; a
+//! ping unanswered for `keepalive_timeout` ends the session, so a silent
+//! partition or a frozen coordinator is noticed within their sum and the
+//! reconnect loop takes over.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -140,8 +145,8 @@ pub fn endpoint(config: &CoordinatorConfig) -> Result<Channel, SessionError> {
     let mut ep = Endpoint::from_shared(config.url.clone())
         .map_err(|e| ep_err(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true);
     if let Some(tls) = &config.tls {
         let read = |what: &'static str, p: &std::path::Path| {
