@@ -52,7 +52,14 @@ Removal:
   --uninstall           stop the agent, remove the binary and the unit; keeps
                         /var/lib/rollout and /etc/rollout
   --purge               with --uninstall: also stop the services the agent
-                        supervised and delete its state, config and certificate
+                        supervised, delete its state, config and certificate
+                        and the user rollout-svc
+
+Without systemd (no /run/systemd/system) no unit is installed and the agent
+is neither started nor stopped: the script prints the command to run under
+your own supervisor, says when a running agent needs a restart to use a new
+binary, warns on --uninstall when an agent still runs, and refuses --purge
+until it is stopped.
 
   -h, --help            this help
 EOF
@@ -163,6 +170,55 @@ systemctl_live() {
   fi
 }
 
+# Pids of running agents started from the installed binary (also of one that
+# was replaced since: "... (deleted)"). Without systemd the script cannot stop
+# or restart them itself: their supervisor is the operator's.
+agent_pids() {
+  local p exe
+  [ "$live" = 1 ] || return 0
+  for p in /proc/[0-9]*; do
+    exe=$(readlink "$p/exe" 2>/dev/null) || continue
+    case $exe in
+      "$real_bin" | "$real_bin (deleted)") printf '%s\n' "${p#/proc/}" ;;
+    esac
+  done
+}
+
+# Pids of the services the agent supervises: processes of the service user,
+# and processes working in the data directory (their release directories;
+# readable for root's own processes even without CAP_SYS_PTRACE).
+service_pids() {
+  local p cwd owner
+  [ "$live" = 1 ] || return 0
+  for p in /proc/[0-9]*; do
+    owner=$(stat -c %U "$p" 2>/dev/null) || continue
+    if [ "$create_user" = 1 ] && [ "$owner" = "$service_user" ]; then
+      printf '%s\n' "${p#/proc/}"
+      continue
+    fi
+    cwd=$(readlink "$p/cwd" 2>/dev/null) || continue
+    case $cwd in
+      "$data_dir"/*) printf '%s\n' "${p#/proc/}" ;;
+    esac
+  done
+}
+
+# SIGTERM to each pid, SIGKILL to those still there after 10 s.
+stop_pids() {
+  local pid left i
+  [ $# -gt 0 ] || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    left=0
+    for pid in "$@"; do
+      [ -d "/proc/$pid" ] && left=1
+    done
+    [ "$left" = 0 ] && return 0
+    sleep 0.1
+  done
+  kill -KILL "$@" 2>/dev/null || true
+}
+
 # ---------------------------------------------------------------- uninstall
 if [ "$uninstall" = 1 ]; then
   if [ -f "$unit_file" ] && [ "$live" = 1 ] && [ "$has_systemd" = 1 ]; then
@@ -172,6 +228,11 @@ if [ "$uninstall" = 1 ]; then
       systemctl kill --kill-whom=all "$SERVICE" 2>/dev/null || true
     fi
     systemctl disable --now "$SERVICE" 2>/dev/null || true
+  fi
+  running=$(agent_pids | tr '\n' ' ')
+  running=${running% }
+  if [ "$purge" = 1 ] && [ -n "$running" ]; then
+    die "rollout-agent is still running (pid $running): stop it in its supervisor first, then re-run with --uninstall --purge (nothing was removed)"
   fi
   removed=()
   for f in "$installed_bin" "$unit_file"; do
@@ -186,7 +247,17 @@ if [ "$uninstall" = 1 ]; then
   else
     log "rollout-agent was not installed (no $installed_bin, no $unit_file)"
   fi
+  if [ -n "$running" ]; then
+    warn "rollout-agent is still running (pid $running) from the removed binary: stop it in its supervisor and remove it from there"
+  fi
   if [ "$purge" = 1 ]; then
+    # Without systemd nothing stopped the services: their release
+    # directories are about to go.
+    mapfile -t services < <(service_pids)
+    if [ "${#services[@]}" -gt 0 ]; then
+      stop_pids "${services[@]}"
+      log "stopped the services the agent supervised (pid ${services[*]})"
+    fi
     case $data_dir in
       */var/lib/rollout) rm -rf "$data_dir" ;;
       *) die "refusing to delete unexpected data directory $data_dir" ;;
@@ -359,6 +430,17 @@ fi
 
 if [ "$has_systemd" = 0 ]; then
   log "systemd not found (no $root/run/systemd/system): no unit installed."
+  running=$(agent_pids | tr '\n' ' ')
+  running=${running% }
+  if [ -n "$running" ]; then
+    if [ "$binary_changed" = 1 ]; then
+      log "rollout-agent is running (pid $running) from the previous binary: restart it in its"
+      log "supervisor (SIGTERM to that pid; the services keep running and are adopted)."
+    else
+      log "rollout-agent is running (pid $running)."
+    fi
+    exit 0
+  fi
   log "run the agent as root under your supervisor, restarting it when it exits:"
   log "  $real_bin run --config /etc/rollout/agent.toml"
   log "stop it with SIGTERM to the agent's pid only: the services it supervises run in"
