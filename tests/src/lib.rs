@@ -14,6 +14,7 @@ pub mod coordinator;
 pub mod docker;
 pub mod join_harness;
 pub mod tls_cluster;
+pub mod vm;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
