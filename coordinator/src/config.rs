@@ -1,8 +1,14 @@
 //! The coordinator's configuration (`coordinator.toml`), validated once.
 //! Unknown keys are an error.
+//!
+//! `[agents] keepalive_interval` / `keepalive_timeout` (default 10 s each,
+//! 100 ms..1 h) pace the HTTP/2 pings on every agent's connection: an agent
+//! that is cut off without a word (partition) or frozen is dropped within
+//! their sum, and its commands in flight fail as unreachable.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -46,6 +52,8 @@ struct Raw {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    agents: RawAgents,
+    #[serde(default)]
     testing: RawTesting,
 }
 
@@ -53,6 +61,67 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawTesting {
     crash_at: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    #[serde(default, with = "humantime_serde")]
+    keepalive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_timeout: Option<Duration>,
+}
+
+/// `[agents]`: HTTP/2 keepalive on the agents' connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between pings to each agent.
+    pub interval: Duration,
+    /// How long a ping may go unanswered before the agent's connection is
+    /// closed (it counts as disconnected).
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Keepalive {
+    /// Shortest interval or timeout accepted.
+    pub const MIN: Duration = Duration::from_millis(100);
+    /// Longest interval or timeout accepted.
+    pub const MAX: Duration = Duration::from_secs(3600);
+
+    fn from_raw(raw: &RawAgents) -> Result<Self, ConfigError> {
+        let d = Keepalive::default();
+        let check = |key: &str, v: Option<Duration>, default: Duration| {
+            let v = v.unwrap_or(default);
+            if v < Self::MIN || v > Self::MAX {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!(
+                        "{} is out of range: use 100ms..1h (default {}); 0 would turn off the check that notices a lost agent",
+                        humantime::format_duration(v),
+                        humantime::format_duration(default)
+                    ),
+                });
+            }
+            Ok(v)
+        };
+        Ok(Keepalive {
+            interval: check(
+                "agents.keepalive_interval",
+                raw.keepalive_interval,
+                d.interval,
+            )?,
+            timeout: check("agents.keepalive_timeout", raw.keepalive_timeout, d.timeout)?,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +172,8 @@ pub struct CoordinatorConfig {
     pub log_level: String,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[agents]` keepalive of the agents' connections.
+    pub agent_keepalive: Keepalive,
     /// `[testing] crash_at`: a test-only crash point, one of
     /// [`crate::store::CRASH_POINTS`]; honoured only in builds with the
     /// `crash-points` feature (otherwise ignored with a warning at start).
@@ -163,7 +234,9 @@ impl CoordinatorConfig {
                 ),
             });
         }
+        let agent_keepalive = Keepalive::from_raw(&raw.agents)?;
         Ok(CoordinatorConfig {
+            agent_keepalive,
             listen,
             data_dir: raw
                 .data_dir
@@ -193,6 +266,24 @@ mod tests {
         assert_eq!(c.listen.port(), 7443);
         assert!(c.tls.is_none());
         assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.agent_keepalive, Keepalive::default());
+        let text = "[agents]\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"";
+        let c = CoordinatorConfig::parse(text, Path::new("c.toml")).expect("keepalive");
+        assert_eq!(c.agent_keepalive.interval, Duration::from_secs(1));
+        assert_eq!(c.agent_keepalive.timeout, Duration::from_secs(2));
+        for text in [
+            "[agents]\nkeepalive_timeout = \"0s\"",
+            "[agents]\nkeepalive_interval = \"10ms\"",
+            "[agents]\nkeepalive_interval = \"2h\"",
+        ] {
+            let e = CoordinatorConfig::parse(text, Path::new("c.toml"))
+                .expect_err(text)
+                .to_string();
+            assert!(
+                e.contains("agents.keepalive_") && e.contains("100ms..1h"),
+                "{text}: {e}"
+            );
+        }
         let text = "metrics_listen = \"127.0.0.1:9102\"";
         let c = CoordinatorConfig::parse(text, Path::new("c.toml")).expect("metrics");
         assert_eq!(c.metrics_listen, Some(([127, 0, 0, 1], 9102).into()));

@@ -240,6 +240,7 @@ pub async fn run(
         log_level: "info".into(),
         metrics_listen: None,
         crash_at: None,
+        agent_keepalive: crate::config::Keepalive::default(),
     };
     let server_cancel = cancel.child_token();
     let server = tokio::spawn(crate::server::run(

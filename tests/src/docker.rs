@@ -58,6 +58,14 @@ pub const SAMPLE_SERVICE: &str = "/usr/local/bin/sample-service";
 pub const COORDINATOR_PORT: u16 = 7443;
 /// Default wait of the fleet helpers.
 pub const WAIT: Duration = Duration::from_secs(30);
+/// HTTP/2 keepalive interval on both ends of every agent's connection
+/// (`[coordinator]` in the agents' configs, `[agents]` in the
+/// coordinator's): a silent partition or a frozen host is noticed within
+/// [`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`] (plus a ping period of
+/// slack), not the 20 s of the defaults.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a keepalive ping may go unanswered in the fleet.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Label every container and network of a fleet carries: the test process's pid.
 const OWNER_LABEL: &str = "rollout-test.owner";
@@ -322,7 +330,10 @@ impl AgentSpec {
         }
         c.push_str(&format!(
             "[coordinator]\nurl = \"http://{COORDINATOR}:{COORDINATOR_PORT}\"\ninsecure_dev = true\n\
-             reconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n"
+             reconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n\
+             keepalive_interval = \"{}ms\"\nkeepalive_timeout = \"{}ms\"\n",
+            KEEPALIVE_INTERVAL.as_millis(),
+            KEEPALIVE_TIMEOUT.as_millis()
         ));
         if let Some(p) = &self.crash_at {
             c.push_str(&format!("[testing]\ncrash_at = {p:?}\n"));
@@ -511,7 +522,10 @@ impl DockerFleet {
     pub fn set_coordinator_extra(&self, extra: &[String]) -> Result<()> {
         let mut c = format!(
             "listen = \"0.0.0.0:{COORDINATOR_PORT}\"\ndata_dir = \"/var/lib/rollout-coordinator\"\n\
-             [log]\nlevel = \"info,rollout_coordinator=debug\"\n"
+             [agents]\nkeepalive_interval = \"{}ms\"\nkeepalive_timeout = \"{}ms\"\n\
+             [log]\nlevel = \"info,rollout_coordinator=debug\"\n",
+            KEEPALIVE_INTERVAL.as_millis(),
+            KEEPALIVE_TIMEOUT.as_millis()
         );
         for line in extra {
             c.push_str(line);
@@ -963,10 +977,38 @@ labels = {{ role = "web" }}
         })
     }
 
-    /// Collects every agent's own history of `service` and checks the fleet
-    /// invariants: each host activated at most once per rollout in `rollouts`,
-    /// and every host that has the service is on a release it committed or on
-    /// its last known good one, and not in the middle of an operation.
+    /// The coordinator's event log of rollout `id`, checked for loss: every
+    /// event has a `seq`, and they run without gap or duplicate.
+    pub fn events_contiguous(&self, id: &str) -> Result<Vec<serde_json::Value>> {
+        let events = self.events(id)?;
+        let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        ensure!(
+            seqs.len() == events.len(),
+            "events of {id} without seq: {events:?}"
+        );
+        ensure!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "event log of {id} has gaps or duplicates: {seqs:?}"
+        );
+        Ok(events)
+    }
+
+    /// The history checker. Collects every agent's own history of `service`
+    /// and the coordinator's record and event log of each rollout in
+    /// `rollouts` (oldest first), and checks the fleet invariants:
+    ///
+    /// * each host activated at most once per rollout (its own history: one
+    ///   `activating` with that rollout as cause at most), and its history's
+    ///   `seq` strictly increases (nothing reordered or written twice);
+    /// * every host that has the service is idle on a release it committed or
+    ///   on its last known good one;
+    /// * every rollout is finished (a running one cannot be judged) and its
+    ///   event log has no gap or duplicate (no event lost);
+    /// * a host a rollout reports `committed` committed that release in its
+    ///   own history; and when the newest rollout is reported `succeeded`,
+    ///   every host it reports committed is on its release now (no success
+    ///   is reported with a host elsewhere).
+    ///
     /// Returns each host's `releases` document.
     pub fn check_histories(
         &self,
@@ -974,6 +1016,7 @@ labels = {{ role = "web" }}
         rollouts: &[&str],
     ) -> Result<BTreeMap<String, serde_json::Value>> {
         let mut all = BTreeMap::new();
+        let mut current = BTreeMap::new();
         for h in self.hosts() {
             let doc = self.agent_releases(&h, service)?;
             let hist = doc["history"].as_array().cloned().unwrap_or_default();
@@ -984,20 +1027,63 @@ labels = {{ role = "web" }}
                     .count();
                 ensure!(n <= 1, "{h} activated {n} times for rollout {id}: {doc:#}");
             }
+            let seqs: Vec<u64> = hist.iter().filter_map(|e| e["seq"].as_u64()).collect();
+            ensure!(
+                seqs.len() == hist.len() && seqs.windows(2).all(|w| w[0] < w[1]),
+                "{h}'s history is not in strictly increasing seq order: {seqs:?}"
+            );
             if let Some(s) = self.agent_service(&h, service)? {
-                let cur = s["current"].as_str().unwrap_or_default();
+                let cur = s["current"].as_str().unwrap_or_default().to_string();
                 let committed = hist
                     .iter()
-                    .any(|e| e["event"] == "committed" && e["release"] == cur);
+                    .any(|e| e["event"] == "committed" && e["release"] == cur.as_str());
                 ensure!(
-                    s["phase"] == "idle" && (committed || s["last_known_good"] == cur),
+                    s["phase"] == "idle" && (committed || s["last_known_good"] == cur.as_str()),
                     "{h} ends on {cur} in phase {}, neither committed nor last known good \
                      ({}): {doc:#}",
                     s["phase"],
                     s["last_known_good"]
                 );
+                current.insert(h.clone(), cur);
             }
             all.insert(h, doc);
+        }
+        for (i, id) in rollouts.iter().enumerate() {
+            let st = self.status(id)?;
+            let state = st["state"].as_str().unwrap_or_default();
+            ensure!(
+                ["succeeded", "failed", "rolled_back", "aborted"].contains(&state),
+                "rollout {id} is still {state}: it cannot be judged yet: {st}"
+            );
+            self.events_contiguous(id)?;
+            let release = st["release"].as_str().unwrap_or_default();
+            let newest = i + 1 == rollouts.len();
+            let hosts = st["batches"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|b| b["hosts"].as_array().into_iter().flatten());
+            for p in hosts.filter(|p| p["state"] == "committed") {
+                let h = p["host"].as_str().unwrap_or_default();
+                let Some(doc) = all.get(h) else { continue };
+                ensure!(
+                    doc["history"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| { e["event"] == "committed" && e["release"] == release }),
+                    "rollout {id} reports {h} committed on {release}, but {h}'s own history \
+                     never committed it: {doc:#}"
+                );
+                if newest && state == "succeeded" {
+                    ensure!(
+                        current.get(h).map(String::as_str) == Some(release),
+                        "rollout {id} succeeded with {h} committed on {release}, but {h} is on \
+                         {:?}: {st}",
+                        current.get(h)
+                    );
+                }
+            }
         }
         Ok(all)
     }

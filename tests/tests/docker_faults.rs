@@ -3,14 +3,26 @@
 //! disks. The harness is `rollout_tests::docker`; without a Docker engine
 //! these tests fail unless `ROLLOUT_SKIP_DOCKER=1`.
 //!
-//! Every scenario ends with the history checker: each agent's own history
-//! shows at most one activation per rollout, and every host ends idle on a
-//! release it committed or on its last known good one.
+//! Every scenario ends with the history checker
+//! ([`DockerFleet::check_histories`]): each agent's own history shows at most
+//! one activation per rollout, every host ends idle on a release it committed
+//! or on its last known good one, every rollout is finished with an event log
+//! without gap, and a rollout reported successful has every host it committed
+//! on its release.
+//!
+//! The fleet's keepalive is short ([`KEEPALIVE_INTERVAL`] +
+//! [`KEEPALIVE_TIMEOUT`] = 3 s), so a silent partition or a frozen host is
+//! noticed in seconds; the deadlines of the specs are seconds too, so each
+//! scenario runs in well under a minute or two.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use rollout_tests::docker::{COORDINATOR, DockerFleet, FleetOptions, poll};
+use rollout_tests::docker::{
+    COORDINATOR, DockerFleet, FleetOptions, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, poll,
+};
 
 const ALL_AT_ONCE: &[(&str, &str)] = &[("batch_percent", "100"), ("max_unavailable", "\"100%\"")];
 
@@ -27,18 +39,6 @@ fn deploy_v1(f: &DockerFleet) -> Result<String> {
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
     f.wait_serving(&hosts, "v1")?;
     Ok(out.lines().next().unwrap_or_default().trim().to_string())
-}
-
-/// The coordinator's event log of `id` has no gap and no duplicate.
-fn events_contiguous(f: &DockerFleet, id: &str) -> Result<Vec<serde_json::Value>> {
-    let events = f.events(id)?;
-    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
-    ensure!(seqs.len() == events.len(), "events without seq: {events:?}");
-    ensure!(
-        seqs.windows(2).all(|w| w[1] == w[0] + 1),
-        "event log of {id} has gaps or duplicates: {seqs:?}"
-    );
-    Ok(events)
 }
 
 /// The `at_ms` of the first `event` of `release` in a host's own history.
@@ -104,7 +104,7 @@ fn rolling_deploy_across_four_hosts_on_a_private_network() -> Result<()> {
         second_start.iter().min() >= first_done.iter().max(),
         "batch 2 started at {second_start:?} before batch 1 committed at {first_done:?}"
     );
-    events_contiguous(&f, &id)?;
+    f.events_contiguous(&id)?;
     eprintln!("baseline: {:?}", t0.elapsed());
     Ok(())
 }
@@ -187,7 +187,7 @@ fn host_partitioned_while_verifying_rolls_back_on_its_own_and_is_reconciled_on_h
             .contains("rolled_back"),
         "the reconciliation does not quote h1's rollback: {h1}"
     );
-    let events = events_contiguous(&f, &id)?;
+    let events = f.events_contiguous(&id)?;
     assert!(
         events
             .iter()
@@ -250,7 +250,7 @@ fn disk_full_during_staging_fails_the_stage_cleanly_and_leaves_the_running_relea
             .contains("no space left on device"),
         "{h2}"
     );
-    let events = events_contiguous(&f, &id)?;
+    let events = f.events_contiguous(&id)?;
     assert!(
         events.iter().any(|e| e["host"] == "h2"
             && e["kind"] == "host_failed"
@@ -283,5 +283,425 @@ fn disk_full_during_staging_fails_the_stage_cleanly_and_leaves_the_running_relea
     f.wait_serving(&["h1", "h3"], "v2")?;
     f.check_histories("web", &[&v1, &id])?;
     eprintln!("disk full: {:?}", t0.elapsed());
+    Ok(())
+}
+
+/// The host's own `(phase, current release)` of `web`, if its agent answers.
+fn phase_of(f: &DockerFleet, host: &str) -> Option<(String, String)> {
+    let s = f.agent_service(host, "web").ok()??;
+    Some((
+        s["phase"].as_str()?.to_string(),
+        s["current"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// Waits until `host` is idle on `release` by its own account.
+fn wait_idle_on(f: &DockerFleet, host: &str, release: &str, deadline: Duration) -> Result<()> {
+    poll(&format!("{host} idle on {release}"), deadline, || {
+        let (phase, cur) = phase_of(f, host)?;
+        (phase == "idle" && cur == release).then_some(())
+    })
+    .with_context(|| format!("{host} now {:?}\n{}", phase_of(f, host), f.logs(host)))
+}
+
+/// How many times the host's own history shows an activation for rollout `id`.
+fn activations(doc: &serde_json::Value, id: &str) -> usize {
+    doc["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["event"] == "activating" && e["cause"] == id)
+        .count()
+}
+
+/// Scenario 4: the coordinator is cut off from the whole fleet while the
+/// second batch verifies. Each host of that batch passes verification,
+/// waits in probation for a commit that cannot come, and returns to its last
+/// known good release within `commit_deadline`; the coordinator notices the
+/// loss by keepalive, fails the hosts as unreachable, halts past its budget
+/// (no auto rollback: the first batch stays committed), and on heal records
+/// where each host really is.
+#[test]
+fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() -> Result<()> {
+    let t0 = Instant::now();
+    let Some(f) = DockerFleet::start(FleetOptions::new(4))? else {
+        return Ok(());
+    };
+    let v1 = deploy_v1(&f)?;
+    let commit_deadline = Duration::from_secs(4);
+    let spec = f.write_spec(
+        "v2",
+        &[],
+        0,
+        &[
+            ("batch_size", "2"),
+            ("max_unavailable", "2"),
+            ("max_failures", "1"),
+            ("auto_rollback", "false"),
+            ("min_healthy_time", "\"4s\""),
+            ("healthy_deadline", "\"15s\""),
+            ("commit_deadline", "\"4s\""),
+        ],
+    )?;
+    let id = f.deploy(&spec)?;
+    // Batch 0 (h1, h2) commits; batch 1 (h3, h4) verifies for 4 s: cut then.
+    poll("h3 and h4 verifying v2", Duration::from_secs(40), || {
+        ["h3", "h4"]
+            .iter()
+            .all(|h| phase_of(&f, h).is_some_and(|(p, c)| p == "verifying" && c == "v2"))
+            .then_some(())
+    })
+    .with_context(|| format!("{:?}", f.status(&id).ok()))?;
+    f.partition(COORDINATOR)?;
+    let cut = Instant::now();
+    // No host stays on the unverified release: each rolls back by itself.
+    for h in ["h3", "h4"] {
+        wait_idle_on(&f, h, "v1", Duration::from_secs(30))?;
+    }
+    let back = cut.elapsed();
+    for h in ["h3", "h4"] {
+        let doc = f.agent_releases(h, "web")?;
+        let verified = at(&doc, "v2", "verified").context("v2 verified")?;
+        let rolled = doc["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["event"] == "rolled_back" && e["release"] == "v1")
+            .or_else(|| {
+                doc["history"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["event"] == "rolled_back")
+            })
+            .cloned()
+            .with_context(|| format!("{h} has no rollback: {doc:#}"))?;
+        assert!(
+            rolled["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("commit_deadline")),
+            "{h} did not roll back for its commit_deadline: {doc:#}"
+        );
+        // On v2 unverified-and-uncommitted at most commit_deadline after it
+        // verified, plus the rollback itself (stop, switch, start, verify).
+        let on_probation = rolled["at_ms"].as_i64().unwrap_or(i64::MAX) - verified;
+        let limit = i64::try_from(commit_deadline.as_millis())? + 3000;
+        assert!(
+            on_probation <= limit,
+            "{h} stayed on v2 in probation {on_probation} ms > {limit} ms: {doc:#}"
+        );
+        assert_eq!(f.served_version(h).as_deref(), Some("v1"), "{h}");
+    }
+    // The coordinator notices the loss by keepalive and halts past its budget.
+    let s = f.wait_state(&id, "failed", Duration::from_secs(30))?;
+    let halted = cut.elapsed();
+    assert_eq!(s["failures"], 2, "{s}");
+    for h in ["h3", "h4"] {
+        let p = f.host_progress(&id, h)?;
+        assert_eq!(p["failure"], "unreachable", "{h}: {p}");
+    }
+    for h in ["h1", "h2"] {
+        let p = f.host_progress(&id, h)?;
+        assert_eq!(p["state"], "committed", "{h}: {p}");
+    }
+    // Heal: the hosts come back and the coordinator records where they are.
+    f.heal(COORDINATOR)?;
+    f.wait_connected(&f.hosts())?;
+    for h in ["h3", "h4"] {
+        let p = poll(&format!("{h} reconciled"), Duration::from_secs(20), || {
+            let p = f.host_progress(&id, h).ok()?;
+            p["reason"]
+                .as_str()?
+                .contains("returned on v1")
+                .then_some(p)
+        })?;
+        assert!(
+            p["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("rolled_back"),
+            "the reconciliation of {h} does not quote its rollback: {p}"
+        );
+    }
+    let events = f.events_contiguous(&id)?;
+    for h in ["h3", "h4"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["kind"] == "reconciled" && e["host"] == h),
+            "no reconciliation of {h}: {events:?}"
+        );
+    }
+    let s = f.status(&id)?;
+    assert_eq!(s["state"], "failed", "{s}");
+    assert_eq!(s["failures"], 2, "{s}");
+    f.wait_serving(&["h1", "h2"], "v2")?;
+    f.wait_serving(&["h3", "h4"], "v1")?;
+    let hist = f.check_histories("web", &[&v1, &id])?;
+    for (h, doc) in &hist {
+        assert_eq!(activations(doc, &id), 1, "{h}: {doc:#}");
+    }
+    eprintln!(
+        "coordinator partition: hosts back on v1 {back:?} after the cut, rollout halted \
+         {halted:?} after it; total {:?}",
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+/// Scenario 5: h1 is frozen (`docker pause`) while it verifies v2. The
+/// coordinator's keepalive drops it as unreachable within `healthy_deadline`,
+/// the rollout goes on to h2 and h3 within its failure budget while h1 is
+/// still frozen, and when h1 thaws it reports where it really is: the
+/// coordinator records it and h1 ends on v1, having activated v2 once.
+#[test]
+fn frozen_agent_mid_activation_times_out_within_healthy_deadline_and_is_reconciled() -> Result<()> {
+    let t0 = Instant::now();
+    let Some(f) = DockerFleet::start(FleetOptions::new(3))? else {
+        return Ok(());
+    };
+    let v1 = deploy_v1(&f)?;
+    let healthy_deadline = Duration::from_secs(10);
+    // Keepalive (not the Activate's own timeout, healthy_deadline +
+    // min_healthy_time + slack) is what drops a frozen host in time.
+    let keepalive = KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT;
+    ensure!(
+        keepalive * 2 < healthy_deadline,
+        "keepalive {keepalive:?} too long for this test"
+    );
+    let spec = f.write_spec(
+        "v2",
+        &[],
+        0,
+        &[
+            ("batch_size", "1"),
+            ("max_failures", "1"),
+            ("min_healthy_time", "\"3s\""),
+            ("healthy_deadline", "\"10s\""),
+            ("commit_deadline", "\"1m\""),
+        ],
+    )?;
+    let id = f.deploy(&spec)?;
+    poll("h1 verifying v2", Duration::from_secs(30), || {
+        phase_of(&f, "h1")
+            .is_some_and(|(p, c)| p == "verifying" && c == "v2")
+            .then_some(())
+    })?;
+    f.pause("h1")?;
+    let frozen = Instant::now();
+    let p = poll("h1 failed as unreachable", healthy_deadline, || {
+        let p = f.host_progress(&id, "h1").ok()?;
+        (p["failure"] == "unreachable").then_some(p)
+    })
+    .with_context(|| format!("{:?}", f.host_progress(&id, "h1").ok()))?;
+    let detected = frozen.elapsed();
+    assert!(
+        detected <= healthy_deadline,
+        "h1 dropped {detected:?} after it froze: {p}"
+    );
+    // The rollout goes on without h1, within its budget, while h1 is frozen.
+    let s = f.wait_state(&id, "succeeded", Duration::from_secs(60))?;
+    assert_eq!(s["failures"], 1, "{s}");
+    f.wait_serving(&["h2", "h3"], "v2")?;
+    assert!(!f.connected("h1"), "h1 is frozen but listed as connected");
+    let finished = frozen.elapsed();
+    // Thaw: h1 finishes or abandons its activation, reconnects, reports; the
+    // coordinator records where it is (and rolls it back if it came back in
+    // probation on v2: the rollout counted it as failed).
+    f.unpause("h1")?;
+    let thawed = Instant::now();
+    wait_idle_on(&f, "h1", "v1", Duration::from_secs(40))?;
+    let p = poll("h1 reconciled", Duration::from_secs(20), || {
+        let p = f.host_progress(&id, "h1").ok()?;
+        p["reason"].as_str()?.contains("returned on").then_some(p)
+    })?;
+    let events = f.events_contiguous(&id)?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "reconciled" && e["host"] == "h1"),
+        "{events:?}"
+    );
+    let s = f.status(&id)?;
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert_eq!(s["failures"], 1, "{s}");
+    assert_eq!(f.served_version("h1").as_deref(), Some("v1"));
+    let hist = f.check_histories("web", &[&v1, &id])?;
+    for (h, doc) in &hist {
+        assert_eq!(
+            activations(doc, &id),
+            1,
+            "{h} (no double activation): {doc:#}"
+        );
+    }
+    eprintln!(
+        "frozen agent (keepalive {keepalive:?}): dropped {detected:?} after the freeze, rollout finished {finished:?} \
+         after it, h1 reconciled {:?} after the thaw ({}); total {:?}",
+        thawed.elapsed(),
+        p["reason"],
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+/// A small deterministic generator (xorshift64*), so a flap schedule that
+/// fails can be replayed with its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Scenario 7: while v2 rolls out over ten hosts, random hosts are cut off
+/// and reconnected again and again (a bounded, seeded schedule; set
+/// `ROLLOUT_FLAP_SEED` to replay one). The rollout finishes within its
+/// budget; hosts it lost are reconciled when they return; a second attempt
+/// of the same release then converges the fleet: every host on v2, each
+/// activated at most once per attempt, and no host that already runs v2
+/// activated again.
+#[test]
+fn flapping_network_during_a_ten_host_rollout_converges_without_duplicate_activations() -> Result<()>
+{
+    const FLAPS: usize = 12;
+    let t0 = Instant::now();
+    let Some(f) = DockerFleet::start(FleetOptions::new(10))? else {
+        return Ok(());
+    };
+    let hosts = f.hosts();
+    let v1 = deploy_v1(&f)?;
+    let seed: u64 = std::env::var("ROLLOUT_FLAP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_f1a9);
+    eprintln!("flap seed {seed} (ROLLOUT_FLAP_SEED={seed} replays it)");
+    let spec = f.write_spec(
+        "v2",
+        &[],
+        0,
+        &[
+            ("batch_size", "2"),
+            ("max_unavailable", "3"),
+            ("max_failures", "\"50%\""),
+            ("min_healthy_time", "\"1s\""),
+            ("healthy_deadline", "\"10s\""),
+            ("commit_deadline", "\"10s\""),
+        ],
+    )?;
+    let done = AtomicBool::new(false);
+    let (first, flapped) = std::thread::scope(|sc| -> Result<(String, Vec<String>)> {
+        let flapper = sc.spawn(|| -> Result<Vec<String>> {
+            let mut rng = Rng(seed | 1);
+            let mut log = Vec::new();
+            for _ in 0..FLAPS {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let h = &hosts[usize::try_from(rng.below(hosts.len() as u64))?];
+                // Down long enough, at times, for the keepalive to drop the
+                // session (interval + timeout), at times not.
+                let down = Duration::from_millis(500 + rng.below(4000));
+                let up = Duration::from_millis(300 + rng.below(1500));
+                f.partition(h)?;
+                // The fault schedule itself: timed waits between flaps.
+                std::thread::sleep(down);
+                f.heal(h)?;
+                log.push(format!("{h} down {down:?}"));
+                std::thread::sleep(up);
+            }
+            Ok(log)
+        });
+        let res = f.deploy_wait(&spec);
+        done.store(true, Ordering::SeqCst);
+        let flapped = flapper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flapper panicked"))??;
+        let (ok, out, err) = res?;
+        ensure!(
+            ok,
+            "v2 deploy failed under flapping ({flapped:?}):\n{out}\n{err}\n{}",
+            f.logs(COORDINATOR)
+        );
+        Ok((
+            out.lines().next().unwrap_or_default().trim().to_string(),
+            flapped,
+        ))
+    })?;
+    eprintln!("flaps: {flapped:?}");
+    ensure!(!flapped.is_empty(), "no flap happened during the rollout");
+    let s = f.status(&first)?;
+    assert_eq!(s["state"], "succeeded", "{s}");
+    // Every host it lost was lost to the network, nothing else.
+    let lost: Vec<String> = hosts
+        .iter()
+        .filter_map(|h| {
+            let p = f.host_progress(&first, h).ok()?;
+            (p["state"] == "failed").then(|| (h.clone(), p))
+        })
+        .map(|(h, p)| {
+            assert_eq!(p["failure"], "unreachable", "{h}: {p}");
+            h
+        })
+        .collect();
+    assert_eq!(s["failures"], lost.len() as u64, "{s}");
+    // Everyone back, the lost hosts reconciled and idle.
+    f.wait_connected(&hosts)?;
+    for h in &lost {
+        poll(&format!("{h} reconciled"), Duration::from_secs(30), || {
+            let p = f.host_progress(&first, h).ok()?;
+            p["reason"].as_str()?.contains("returned on").then_some(())
+        })
+        .with_context(|| format!("{:?}", f.host_progress(&first, h).ok()))?;
+    }
+    for h in &hosts {
+        poll(&format!("{h} idle"), Duration::from_secs(30), || {
+            phase_of(&f, h)
+                .is_some_and(|(p, _)| p == "idle")
+                .then_some(())
+        })?;
+    }
+    let on_v2: BTreeSet<String> = hosts
+        .iter()
+        .filter(|h| phase_of(&f, h).is_some_and(|(_, c)| c == "v2"))
+        .cloned()
+        .collect();
+    f.check_histories("web", &[&v1, &first])?;
+    // The second attempt converges the fleet.
+    let (ok, out, err) = f.deploy_wait(&spec)?;
+    ensure!(
+        ok,
+        "second attempt failed:\n{out}\n{err}\n{}",
+        f.logs(COORDINATOR)
+    );
+    let second = out.lines().next().unwrap_or_default().trim().to_string();
+    let s = f.status(&second)?;
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert_eq!(s["failures"], 0, "{s}");
+    let all: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    f.wait_serving(&all, "v2")?;
+    let hist = f.check_histories("web", &[&v1, &first, &second])?;
+    for (h, doc) in &hist {
+        let (a1, a2) = (activations(doc, &first), activations(doc, &second));
+        if on_v2.contains(h) {
+            assert_eq!((a1, a2), (1, 0), "{h} ran v2 already: {doc:#}");
+        } else {
+            assert!(a1 <= 1 && a2 == 1, "{h}: {a1} + {a2} activations: {doc:#}");
+        }
+    }
+    eprintln!(
+        "flapping: {} flaps, {} hosts lost in the first attempt ({lost:?}), {} on v2 after it; \
+         total {:?}",
+        flapped.len(),
+        lost.len(),
+        on_v2.len(),
+        t0.elapsed()
+    );
     Ok(())
 }

@@ -2,6 +2,12 @@
 //! over mTLS (plaintext only with `--insecure-dev`). A client certificate is
 //! optional at the TLS layer only so that `JoinService.Join` can be reached;
 //! every agent and control RPC checks the caller's certificate and role.
+//!
+//! HTTP/2 pings go to every client each `[agents] keepalive_interval`; a
+//! connection whose ping is unanswered for `keepalive_timeout` is closed, so
+//! an agent cut off by a silent partition or frozen (SIGSTOP) ends its stream
+//! and its commands in flight fail as unreachable within their sum, instead of
+//! waiting for the command's own timeout.
 
 pub mod agent_service;
 pub mod control_service;
@@ -160,8 +166,8 @@ pub async fn run(
         joining: join.ca.is_some(),
     };
     let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)));
+        .http2_keepalive_interval(Some(config.agent_keepalive.interval))
+        .http2_keepalive_timeout(Some(config.agent_keepalive.timeout));
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
