@@ -285,6 +285,22 @@ impl Fleet {
             .unwrap_or(false)
     }
 
+    /// Names of the hosts with a live stream, sorted.
+    pub fn connected_hosts(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .conns
+            .lock()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Whether the registry knows `host` (connected now or remembered).
+    pub fn knows(&self, host: &str) -> bool {
+        self.connected(host) || self.known.lock().is_ok_and(|k| k.contains_key(host))
+    }
+
     /// Last report of `host`'s `service`.
     pub fn service(&self, host: &str, service: &str) -> Option<pb::ServiceReport> {
         let k = self.known.lock().ok()?;

@@ -151,6 +151,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         iterations: u64,
     },
+    /// Ping connected hosts over their agent streams, all at once: each
+    /// round trip and the fan-out's wall time; exit 0 only if all answered.
+    Ping {
+        /// Hosts to ping, comma-separated (default: every connected host).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Time allowed for each answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Rollouts and per-host history of a service.
     History {
         /// Service.
@@ -427,6 +437,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .await
             .map(|()| true)
             .map_err(Into::into),
+        Cmd::Ping { hosts, timeout } => {
+            Ok(cli::ping::ping(&conn, &hosts, timeout, output, out).await?)
+        }
         Cmd::History { service } => cli::history(&conn, &service, output, out)
             .await
             .map(|()| true)

@@ -10,6 +10,7 @@ use rollout_proto::pb;
 use rollout_proto::pb::control_service_client::ControlServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub mod ping;
 pub mod release;
 pub mod tokens;
 

@@ -1,17 +1,24 @@
 //! `ControlService`: the operator API. With TLS, only operator certificates
 //! may call it. Join tokens and host removal live in [`super::join_service`]
 //! beside the `Join` RPC they belong to.
+//!
+//! `Ping` sends a `Ping` command down every selected host's stream at once
+//! (the same round-trip as rollout commands, matched by command id) and
+//! returns each host's round-trip time and the fan-out's wall time.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use rollout_proto::pb;
 use rollout_proto::pb::control_service_server::ControlService;
+use rollout_proto::pb::coordinator_message::Cmd;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::artifacts::Artifacts;
 use crate::engine::Engine;
+use crate::fleet::Fleet;
 use crate::pki::Role;
 
 /// The operator-facing service.
@@ -29,6 +36,78 @@ pub struct ControlApi {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Time a `Ping` allows each host when the request names none.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a `Ping` may allow each host.
+pub const MAX_PING_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Pings `hosts` (empty: every connected host) concurrently over their
+/// agent streams; one entry per host, in name order.
+pub async fn ping(fleet: &Fleet, r: pb::PingRequest) -> Result<pb::PingResponse, Status> {
+    let timeout = match r.timeout_ms {
+        0 => DEFAULT_PING_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    };
+    if timeout > MAX_PING_TIMEOUT {
+        return Err(Status::invalid_argument(format!(
+            "ping timeout {timeout:?} is over the limit of {MAX_PING_TIMEOUT:?}; pass a shorter --timeout"
+        )));
+    }
+    let hosts: Vec<String> = if r.hosts.is_empty() {
+        let all = fleet.connected_hosts();
+        if all.is_empty() {
+            return Err(Status::failed_precondition(
+                "no host is connected to the coordinator; `rollout hosts` lists the hosts it knows",
+            ));
+        }
+        all
+    } else {
+        let mut named: Vec<String> = r.hosts.clone();
+        named.sort();
+        named.dedup();
+        if let Some(h) = named.iter().find(|h| !fleet.knows(h)) {
+            return Err(Status::not_found(format!(
+                "host {h:?} is unknown to the coordinator; `rollout hosts` lists the hosts it knows"
+            )));
+        }
+        named
+    };
+    let started = Instant::now();
+    let results =
+        futures::future::join_all(hosts.into_iter().enumerate().map(|(i, host)| async move {
+            let sent = Instant::now();
+            let cmd = Cmd::Ping(pb::Ping { nonce: i as u64 });
+            let res = fleet.command(&host, cmd, timeout).await;
+            let rtt = sent.elapsed();
+            match res {
+                Ok(x) if x.ok => pb::HostPing {
+                    host,
+                    ok: true,
+                    rtt_us: rtt.as_micros() as u64,
+                    error: String::new(),
+                },
+                Ok(x) => pb::HostPing {
+                    host,
+                    ok: false,
+                    rtt_us: 0,
+                    error: format!("the agent refused the ping: {}", x.error),
+                },
+                Err(e) => pb::HostPing {
+                    host,
+                    ok: false,
+                    rtt_us: 0,
+                    error: e.to_string(),
+                },
+            }
+        }))
+        .await;
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    Ok(pb::PingResponse {
+        hosts: results,
+        elapsed_us,
+    })
+}
 
 impl ControlApi {
     fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -328,5 +407,15 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::RemoveHostResponse>, Status> {
         self.auth(&req)?;
         super::join_service::remove_host(self.engine.fleet(), req.into_inner()).map(Response::new)
+    }
+
+    async fn ping(
+        &self,
+        req: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        self.auth(&req)?;
+        ping(self.engine.fleet(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 }
