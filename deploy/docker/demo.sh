@@ -140,7 +140,8 @@ wait_for 30 cli hosts || die "the coordinator did not answer within 30 s: docker
 
 log "starting $agents agent hosts; each joins with its own one-time token"
 for i in $(seq 1 "$agents"); do
-  token=$(cli token create --ttl 10m --label role=web | head -n 1)
+  token=$(cli token create --ttl 10m --label role=web 2>/dev/null)
+  token=${token%%$'\n'*}
   [ -n "$token" ] || die "rollout token create printed no token"
   # Joins once (the certificate stays in the container), then runs the agent.
   run "h$i" -v "$work/pki/ca.pem:/ca.pem:ro" "$IMAGE" -c "
@@ -204,8 +205,12 @@ deploy() {
   return "$status"
 }
 
+# The rollout's state, from the first line of `rollout status ID`:
+# "rollout ID  SERVICE RELEASE  state STATE  batch ...".
 state_of() {
-  cli --output json status "$1" | grep -o '"state": *"[a-z_]*"' | head -n 1 | sed 's/.*"\([a-z_]*\)"$/\1/'
+  local out
+  out=$(cli status "$1") || return 1
+  sed -n '1s/.*  state \([a-z_]*\) .*/\1/p' <<<"$out"
 }
 
 release v1 true
@@ -220,12 +225,12 @@ if deploy v3; then
   die "v3 succeeded although it is unhealthy"
 fi
 
-v2_state=$(state_of "$(cat "$work/v2.id")")
-v3_state=$(state_of "$(cat "$work/v3.id")")
+v2_state=$(state_of "$(cat "$work/v2.id")") || v2_state=unknown
+v3_state=$(state_of "$(cat "$work/v3.id")") || v3_state=unknown
 v3_deadline=$((SECONDS + 60))
 while [ "$v3_state" != rolled_back ] && [ "$SECONDS" -lt "$v3_deadline" ]; do
   sleep 0.5
-  v3_state=$(state_of "$(cat "$work/v3.id")")
+  v3_state=$(state_of "$(cat "$work/v3.id")") || v3_state=unknown
 done
 
 log "what each host serves now"
