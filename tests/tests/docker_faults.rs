@@ -607,8 +607,8 @@ fn flapping_network_during_a_ten_host_rollout_converges_without_duplicate_activa
                 let h = &hosts[usize::try_from(rng.below(hosts.len() as u64))?];
                 // Down long enough, at times, for the keepalive to drop the
                 // session (interval + timeout), at times not.
-                let down = Duration::from_millis(500 + rng.below(4000));
-                let up = Duration::from_millis(300 + rng.below(1500));
+                let down = Duration::from_millis(300 + rng.below(3000));
+                let up = Duration::from_millis(200 + rng.below(600));
                 f.partition(h)?;
                 // The fault schedule itself: timed waits between flaps.
                 std::thread::sleep(down);
