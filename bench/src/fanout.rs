@@ -1,0 +1,257 @@
+//! Fan-out: the time for a ping to reach all N connected sessions and for
+//! every answer to return, and the coordinator's RSS and CPU while N sessions
+//! report every 5 s.
+//!
+//! A fresh release coordinator (`rollout --insecure-dev serve`) per N; N
+//! swarm sessions ([`crate::swarm`], one HTTP/2 connection each by default)
+//! in this process. A ping is the `ControlService.Ping` RPC (`rollout ping`):
+//! the coordinator sends a `Ping` command down every session's stream at once
+//! and returns the wall time from the first send to the last answer
+//! (`elapsed_us`, measured inside the coordinator) and each host's round trip.
+//! Each run sends `--pings` pings one after another; p50/p99 are over the
+//! pings of a run, and the table shows the median/min/max of those over the
+//! runs. Then, with no pings, the coordinator's `VmRSS` and CPU (utime+stime
+//! from `/proc/<pid>/stat`, share of one core) are sampled over
+//! `--sample-secs` while the sessions report.
+//!
+//! The sessions run on the same 2 cores as the coordinator, so the
+//! coordinator's CPU and the fan-out times include that competition.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rollout_proto::pb;
+use rollout_proto::pb::control_service_client::ControlServiceClient;
+use rollout_tests::cluster::CoordinatorProc;
+
+use crate::swarm::{Swarm, SwarmConfig, raise_nofile};
+use crate::util::{self, Block, Ctx, Figure, mib, note};
+
+/// Options of `bench fanout`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Session counts, comma-separated (full: 1000,10000; quick: 100).
+    #[arg(long, value_delimiter = ',')]
+    pub sessions: Vec<usize>,
+    /// Pings per run (full: 50; quick: 10).
+    #[arg(long)]
+    pub pings: Option<usize>,
+    /// Window sampling the coordinator's RSS/CPU, seconds (full: 60; quick: 5).
+    #[arg(long)]
+    pub sample_secs: Option<u64>,
+    /// Sessions per HTTP/2 connection, 1 to 100 (default 1: one connection
+    /// per session, as agents have).
+    #[arg(long)]
+    pub per_connection: Option<usize>,
+}
+
+/// The nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Runs the benchmark and publishes one block per N.
+pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
+    let sizes = if args.sessions.is_empty() {
+        if ctx.quick {
+            vec![100]
+        } else {
+            vec![1_000, 10_000]
+        }
+    } else {
+        args.sessions.clone()
+    };
+    let pings = args.pings.unwrap_or(if ctx.quick { 10 } else { 50 }).max(1);
+    let window = Duration::from_secs(args.sample_secs.unwrap_or(if ctx.quick { 5 } else { 60 }));
+    for n in sizes {
+        one_size(ctx, args, n, pings, window).await?;
+    }
+    Ok(())
+}
+
+struct Ping {
+    /// Coordinator-side fan-out time (first send to last answer), ms.
+    fanout_ms: f64,
+    /// Client-side RPC time, ms.
+    rpc_ms: f64,
+    /// Per-host round trips, ms.
+    rtts: Vec<f64>,
+}
+
+async fn ping_all(
+    client: &mut ControlServiceClient<tonic::transport::Channel>,
+    n: usize,
+) -> Result<Ping> {
+    let started = Instant::now();
+    let r = client
+        .ping(pb::PingRequest {
+            hosts: vec![],
+            timeout_ms: 30_000,
+        })
+        .await
+        .context("Ping RPC")?
+        .into_inner();
+    let rpc_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let failed: Vec<&pb::HostPing> = r.hosts.iter().filter(|h| !h.ok).collect();
+    if r.hosts.len() != n || !failed.is_empty() {
+        bail!(
+            "a ping reached {} hosts, {} failed (first: {:?}); expected {n} answers",
+            r.hosts.len(),
+            failed.len(),
+            failed.first().map(|h| (&h.host, &h.error))
+        );
+    }
+    Ok(Ping {
+        fanout_ms: r.elapsed_us as f64 / 1000.0,
+        rpc_ms,
+        rtts: r.hosts.iter().map(|h| h.rtt_us as f64 / 1000.0).collect(),
+    })
+}
+
+async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Duration) -> Result<()> {
+    let mut block = Block::start(
+        format!("Fan-out to {n} sessions"),
+        format!(
+            "{n} swarm sessions ({} per HTTP/2 connection), reports every 5 s, {pings} pings per run, RSS/CPU window {} s",
+            args.per_connection.unwrap_or(1).clamp(1, 100),
+            window.as_secs()
+        ),
+    );
+    // The coordinator holds one socket per connection; it inherits this limit.
+    raise_nofile(2 * n as u64 + 1024)?;
+    let coord = CoordinatorProc::start().await?;
+    let cfg_path = coord.dir.path().join("coordinator.toml");
+    let pid = util::find_pid(&cfg_path.display().to_string())
+        .context("cannot find the coordinator's pid")?;
+    note(format!("fanout: starting {n} sessions"));
+    let connect_started = Instant::now();
+    let mut cfg = SwarmConfig::new(&coord.url(), n);
+    cfg.per_connection = args.per_connection.unwrap_or(1);
+    let swarm = Swarm::start(cfg).await?;
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    note(format!(
+        "fanout: {n} sessions connected in {connect_s:.1} s"
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(coord.url())?
+        .connect()
+        .await?;
+    let mut client = ControlServiceClient::new(channel)
+        .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES);
+    // Warm-up (first-use allocations on both sides).
+    ping_all(&mut client, n).await?;
+    let (mut p50, mut p99, mut max, mut rtt_p50, mut rtt_p99, mut rpc_p50) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..ctx.runs {
+        note(format!("fanout N={n}: run {}/{}", run + 1, ctx.runs));
+        let mut fan = Vec::new();
+        let mut rpc = Vec::new();
+        let mut rtts = Vec::new();
+        for _ in 0..pings {
+            let p = ping_all(&mut client, n).await?;
+            fan.push(p.fanout_ms);
+            rpc.push(p.rpc_ms);
+            rtts.extend(p.rtts);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        fan.sort_by(f64::total_cmp);
+        rpc.sort_by(f64::total_cmp);
+        rtts.sort_by(f64::total_cmp);
+        p50.push(percentile(&fan, 0.50));
+        p99.push(percentile(&fan, 0.99));
+        max.push(fan.last().copied().unwrap_or(f64::NAN));
+        rtt_p50.push(percentile(&rtts, 0.50));
+        rtt_p99.push(percentile(&rtts, 0.99));
+        rpc_p50.push(percentile(&rpc, 0.50));
+    }
+    note(format!(
+        "fanout N={n}: sampling the coordinator for {} s",
+        window.as_secs()
+    ));
+    let reports_before = swarm
+        .counters
+        .reports
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let me = std::process::id();
+    let (a, me_a) = (util::sample_proc(pid)?, util::sample_proc(me)?);
+    let mut peak_rss = a.rss_bytes;
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak_rss = peak_rss.max(util::sample_proc(pid)?.rss_bytes);
+    }
+    let (b, me_b) = (util::sample_proc(pid)?, util::sample_proc(me)?);
+    let reports = swarm
+        .counters
+        .reports
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - reports_before;
+    let coord_cpu = util::cpu_percent(&a, &b);
+    let swarm_cpu = util::cpu_percent(&me_a, &me_b);
+    let connected = swarm.connected();
+    let errors = swarm
+        .counters
+        .stream_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    swarm.stop().await;
+    drop(coord);
+    block.finish();
+    let big = n >= 10_000;
+    let target_ms = |name: &str, v: Vec<f64>| {
+        if big {
+            Figure::at_most(name, v, 200.0, "≤ 200 ms (at 10,000)")
+        } else {
+            Figure::plain(name, v)
+        }
+    };
+    block.figures = vec![
+        Figure::plain("fan-out to all, p50 (ms)", p50),
+        target_ms("fan-out to all, p99 (ms)", p99),
+        Figure::plain("fan-out to all, slowest (ms)", max),
+        Figure::plain("Ping RPC seen by the client, p50 (ms)", rpc_p50),
+        Figure::plain("per-host round trip, p50 (ms)", rtt_p50),
+        Figure::plain("per-host round trip, p99 (ms)", rtt_p99),
+    ];
+    let rss = mib(b.rss_bytes);
+    let peak = mib(peak_rss);
+    if big {
+        block.figures.push(Figure::at_most(
+            "coordinator CPU, sessions reporting (% of one core)",
+            vec![coord_cpu],
+            100.0,
+            "≤ 1 core (at 10,000)",
+        ));
+        block.figures.push(Figure::at_most(
+            "coordinator peak RSS (MiB)",
+            vec![peak],
+            512.0,
+            "≤ 512 MiB (at 10,000)",
+        ));
+    } else {
+        block.figures.push(Figure::plain(
+            "coordinator CPU, sessions reporting (% of one core)",
+            vec![coord_cpu],
+        ));
+        block
+            .figures
+            .push(Figure::plain("coordinator peak RSS (MiB)", vec![peak]));
+    }
+    block.notes.push(format!(
+        "{n} sessions connected in {connect_s:.1} s; {connected} still connected at the end, {errors} stream errors; {reports} reports in the {} s window ({:.0}/s)",
+        window.as_secs(),
+        reports as f64 / window.as_secs_f64().max(0.001)
+    ));
+    block.notes.push(format!(
+        "coordinator RSS at the end of the window {rss:.1} MiB; the swarm process (all sessions) used {swarm_cpu:.1} % of one core on the same machine"
+    ));
+    block.notes.push(
+        "fan-out time: measured inside the coordinator from the first Ping sent to the last answer (`rollout ping` prints it); round trips per host likewise; CPU/RSS from /proc of the coordinator process".into(),
+    );
+    if connected < n {
+        bail!("only {connected} of {n} sessions were still connected at the end");
+    }
+    ctx.publish(&block)
+}

@@ -1,0 +1,443 @@
+//! Orchestration overhead: the wall time of a rollout over N hosts against
+//! its physical limit, ⌈N/batch⌉ × (restart + bake), and the coordinator's
+//! share of the difference per batch.
+//!
+//! A fresh release coordinator per N. Hosts are real release `rollout-agent`
+//! processes (each with its own data directory and the sample service on its
+//! own port; used for the `--agents` sizes, default 10 and 100) or swarm
+//! sessions ([`crate::swarm`], used for the `--swarm` sizes, default 1,000),
+//! whose no-op service "restarts" in `--swarm-restart` (default 100 ms).
+//! Batches are 10 % of the hosts (`batch_size` = ⌈N/10⌉, `max_unavailable`
+//! the same), `min_healthy_time` 0 s and 2 s (the bake). A warm-up rollout
+//! (v1) first puts the service on every host, so each measured rollout
+//! restarts a running service.
+//!
+//! Every figure comes from timestamps: the coordinator's events (`rollout
+//! events --output json`: `created`, `running`, `batch_started`,
+//! `batch_done`, `succeeded`) and, for real agents, each host's own history
+//! (`activating` → `verified` for this rollout, over the admin socket):
+//!
+//! * batch phase = last `batch_done` − first `batch_started`;
+//! * physical limit = Σ over batches of the slowest host's agent-side
+//!   `activating` → `verified` (the restart plus the bake; for the swarm
+//!   exactly restart + bake), which is ⌈N/batch⌉ × (restart + bake) when all
+//!   restarts take the same time;
+//! * coordinator overhead = batch phase − physical limit, per batch and as a
+//!   share of the limit (target at N = 1,000: ≤ 5 % and ≤ 50 ms per batch);
+//! * staging (artifact to every host before the first batch) and the
+//!   end-to-end time `created` → `succeeded` are reported beside it.
+//!
+//! The coordinator's CPU over each rollout comes from `/proc/<pid>/stat`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rollout_tests::cluster::CoordinatorProc;
+
+use crate::swarm::{Swarm, SwarmConfig, raise_nofile};
+use crate::util::{self, BenchAgent, Block, Ctx, Figure, SpecParams, note};
+
+/// Options of `bench overhead`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Real agent counts, comma-separated (full: 10,100; quick: 5; 0 = none).
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<usize>,
+    /// Swarm session counts, comma-separated (full: 1000; quick: 50; 0 = none).
+    #[arg(long, value_delimiter = ',')]
+    pub swarm: Vec<usize>,
+    /// min_healthy_time values (the bake), comma-separated (default 0s,2s).
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
+    pub min_healthy: Vec<Duration>,
+    /// Simulated restart of the swarm's no-op service (default 100ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub swarm_restart: Option<Duration>,
+}
+
+/// Hosts under test.
+enum Fleet {
+    /// Host name and agent.
+    Agents(Vec<(String, BenchAgent)>),
+    Swarm(Swarm, Duration),
+}
+
+impl Fleet {
+    fn label(&self) -> &'static str {
+        match self {
+            Fleet::Agents(_) => "real agents",
+            Fleet::Swarm(..) => "swarm sessions",
+        }
+    }
+}
+
+/// One measured rollout.
+#[derive(Debug, Clone)]
+struct Measured {
+    end_to_end_ms: f64,
+    staging_ms: f64,
+    batch_phase_ms: f64,
+    limit_ms: f64,
+    batches: usize,
+    /// Mean of (batch_done − batch_started − slowest host's work), ms.
+    in_batch_ms: f64,
+    /// Time between a batch_done and the next batch_started, summed and
+    /// divided by the number of batches (so in_batch + gap = per batch), ms.
+    gap_ms: f64,
+    coord_cpu: f64,
+}
+
+impl Measured {
+    fn overhead_ms(&self) -> f64 {
+        self.batch_phase_ms - self.limit_ms
+    }
+    fn per_batch_ms(&self) -> f64 {
+        self.overhead_ms() / self.batches.max(1) as f64
+    }
+    fn percent(&self) -> f64 {
+        if self.limit_ms > 0.0 {
+            100.0 * self.overhead_ms() / self.limit_ms
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// Runs the benchmark and publishes one block per (N, min_healthy_time).
+pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
+    let pick = |given: &[usize], quick: usize, full: &[usize]| -> Vec<usize> {
+        let v = if given.is_empty() {
+            if ctx.quick {
+                vec![quick]
+            } else {
+                full.to_vec()
+            }
+        } else {
+            given.to_vec()
+        };
+        v.into_iter().filter(|n| *n > 0).collect()
+    };
+    let agents = pick(&args.agents, 5, &[10, 100]);
+    let swarm = pick(&args.swarm, 50, &[1000]);
+    let bakes = if args.min_healthy.is_empty() {
+        vec![Duration::ZERO, Duration::from_secs(2)]
+    } else {
+        args.min_healthy.clone()
+    };
+    let restart = args.swarm_restart.unwrap_or(Duration::from_millis(100));
+    for n in agents {
+        one_size(ctx, n, false, &bakes, restart).await?;
+    }
+    for n in swarm {
+        one_size(ctx, n, true, &bakes, restart).await?;
+    }
+    Ok(())
+}
+
+async fn one_size(
+    ctx: &Ctx,
+    n: usize,
+    use_swarm: bool,
+    bakes: &[Duration],
+    swarm_restart: Duration,
+) -> Result<()> {
+    raise_nofile(3 * n as u64 + 1024)?;
+    let coord = CoordinatorProc::start().await?;
+    let cfg_path = coord.dir.path().join("coordinator.toml");
+    let pid = util::find_pid(&cfg_path.display().to_string())
+        .context("cannot find the coordinator's pid")?;
+    let work = tempfile::tempdir()?;
+    note(format!(
+        "overhead: starting {n} {}",
+        if use_swarm {
+            "swarm sessions"
+        } else {
+            "agents"
+        }
+    ));
+    let fleet = if use_swarm {
+        let mut cfg = SwarmConfig::new(&coord.url(), n);
+        cfg.restart = swarm_restart;
+        cfg.prefix = "h".into();
+        Fleet::Swarm(Swarm::start(cfg).await?, swarm_restart)
+    } else {
+        let mut agents = Vec::new();
+        for i in 0..n {
+            let env = vec![("PORT".to_string(), rollout_tests::free_port().to_string())];
+            let host = format!("h{:05}", i + 1);
+            let agent =
+                BenchAgent::start(ctx, &host, &coord.url(), &env, "[labels]\nrole = \"web\"")
+                    .await?;
+            agents.push((host, agent));
+        }
+        util::poll(
+            "every agent connected",
+            Duration::from_secs(60 + n as u64),
+            Duration::from_millis(200),
+            async || {
+                let v = coord.json(&["hosts"]).ok()?;
+                let c = v
+                    .as_array()?
+                    .iter()
+                    .filter(|h| h["connected"] == true)
+                    .count();
+                (c == n).then_some(())
+            },
+        )
+        .await?;
+        Fleet::Agents(agents)
+    };
+    let batch = n.div_ceil(10);
+    let sample = ctx.bin("sample-service")?;
+    let mut release_no = 0usize;
+    let mut next_spec = |bake: Duration| -> Result<(String, PathBuf)> {
+        release_no += 1;
+        let release = format!("v{release_no}");
+        let art = util::write_sample_artifact(work.path(), &release, &[])?;
+        let strategy = format!(
+            "batch_size = {batch}\nmax_unavailable = {batch}\nmax_failures = 0\nmin_healthy_time = \"{}ms\"\nhealthy_deadline = \"60s\"\ncommit_deadline = \"30m\"\n",
+            bake.as_millis()
+        );
+        let text = SpecParams {
+            service: "web",
+            release: &release,
+            artifact: &art,
+            sample: &sample,
+            port_var: "PORT",
+            extra_argv: &[],
+            strategy: &strategy,
+        }
+        .toml();
+        let p = work.path().join(format!("{release}.toml"));
+        std::fs::write(&p, text)?;
+        Ok((release, p))
+    };
+    // Warm-up: the service runs everywhere before the measured rollouts.
+    let (_, spec) = next_spec(Duration::ZERO)?;
+    rollout(&coord, &spec, n, Duration::ZERO).await?;
+    for bake in bakes {
+        let mut block = Block::start(
+            format!(
+                "Orchestration overhead, N = {n} {}, min_healthy_time {} s",
+                fleet.label(),
+                bake.as_secs_f64()
+            ),
+            format!(
+                "{n} {}, batches of {batch} (10 %), min_healthy_time {} ms{}",
+                fleet.label(),
+                bake.as_millis(),
+                match &fleet {
+                    Fleet::Swarm(_, r) => format!(", simulated restart {} ms", r.as_millis()),
+                    Fleet::Agents(_) => ", sample service with an HTTP check every 100 ms".into(),
+                }
+            ),
+        );
+        let mut runs = Vec::new();
+        for i in 0..ctx.runs {
+            note(format!(
+                "overhead N={n} bake={}ms: run {}/{}",
+                bake.as_millis(),
+                i + 1,
+                ctx.runs
+            ));
+            let (release, spec) = next_spec(*bake)?;
+            let before = util::sample_proc(pid)?;
+            let id = rollout(&coord, &spec, n, *bake).await?;
+            let after = util::sample_proc(pid)?;
+            let mut m = measure(&coord, &fleet, &id, &release, *bake).await?;
+            m.coord_cpu = util::cpu_percent(&before, &after);
+            note(format!(
+                "  {} batches: batch phase {:.0} ms, limit {:.0} ms, overhead {:.0} ms/batch ({:.1} %)",
+                m.batches,
+                m.batch_phase_ms,
+                m.limit_ms,
+                m.per_batch_ms(),
+                m.percent()
+            ));
+            runs.push(m);
+        }
+        block.finish();
+        let col = |f: &dyn Fn(&Measured) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+        let target = use_swarm && n >= 1000;
+        block.figures = vec![
+            Figure::plain(
+                "end to end, created → succeeded (s)",
+                col(&|m| m.end_to_end_ms / 1000.0),
+            ),
+            Figure::plain(
+                "staging before batch 0 (s)",
+                col(&|m| m.staging_ms / 1000.0),
+            ),
+            Figure::plain("batch phase (s)", col(&|m| m.batch_phase_ms / 1000.0)),
+            Figure::plain(
+                "physical limit ⌈N/batch⌉ × (restart + bake) (s)",
+                col(&|m| m.limit_ms / 1000.0),
+            ),
+            if target {
+                Figure::at_most(
+                    "coordinator overhead (% of the limit)",
+                    col(&|m| m.percent()),
+                    5.0,
+                    "≤ 5 % (at 1,000)",
+                )
+            } else {
+                Figure::plain(
+                    "coordinator overhead (% of the limit)",
+                    col(&|m| m.percent()),
+                )
+            },
+            if target {
+                Figure::at_most(
+                    "coordinator overhead per batch (ms)",
+                    col(&|m| m.per_batch_ms()),
+                    50.0,
+                    "≤ 50 ms (at 1,000)",
+                )
+            } else {
+                Figure::plain(
+                    "coordinator overhead per batch (ms)",
+                    col(&|m| m.per_batch_ms()),
+                )
+            },
+            Figure::plain(
+                "  of which inside batches (ms per batch)",
+                col(&|m| m.in_batch_ms),
+            ),
+            Figure::plain(
+                "  of which between batches (ms per batch)",
+                col(&|m| m.gap_ms),
+            ),
+            Figure::plain(
+                "coordinator CPU during the rollout (% of one core)",
+                col(&|m| m.coord_cpu),
+            ),
+        ];
+        block.notes.push(format!(
+            "batches per rollout: {}; restart + bake per batch is the slowest host's own activating → verified time{}",
+            runs.first().map_or(0, |m| m.batches),
+            if use_swarm { " (the swarm's simulated restart plus min_healthy_time)" } else { " from its history" }
+        ));
+        ctx.publish(&block)?;
+    }
+    if let Fleet::Swarm(s, _) = fleet {
+        s.stop().await;
+    }
+    drop(coord);
+    Ok(())
+}
+
+/// Deploys and waits for success; the rollout id.
+async fn rollout(
+    coord: &CoordinatorProc,
+    spec: &std::path::Path,
+    n: usize,
+    bake: Duration,
+) -> Result<String> {
+    let id = util::deploy(coord, spec)?;
+    let batches = n.div_ceil(n.div_ceil(10)) as u64;
+    let deadline = Duration::from_secs(120 + n as u64 / 5)
+        + Duration::from_secs(batches * (bake.as_secs() + 30));
+    let st = util::wait_state(
+        coord,
+        &id,
+        &["succeeded", "failed", "rolled_back"],
+        deadline,
+    )
+    .await?;
+    if st != "succeeded" {
+        bail!(
+            "rollout {id} ended {st}; coordinator log tail:\n{}",
+            util::tail(&coord.log(), 40)
+        );
+    }
+    Ok(id)
+}
+
+/// Figures of one finished rollout from the coordinator's events and the
+/// hosts' own histories.
+async fn measure(
+    coord: &CoordinatorProc,
+    fleet: &Fleet,
+    id: &str,
+    release: &str,
+    bake: Duration,
+) -> Result<Measured> {
+    let events = util::events(coord, id)?;
+    let first = |kind: &str| events.iter().find(|e| e.2 == kind).map(|e| e.0 as f64);
+    let created = first("created").context("no created event")?;
+    let running = first("running").context("no running event")?;
+    let succeeded = first("succeeded").context("no succeeded event")?;
+    let starts: Vec<f64> = events
+        .iter()
+        .filter(|e| e.2 == "batch_started")
+        .map(|e| e.0 as f64)
+        .collect();
+    let dones: Vec<f64> = events
+        .iter()
+        .filter(|e| e.2 == "batch_done")
+        .map(|e| e.0 as f64)
+        .collect();
+    if starts.is_empty() || starts.len() != dones.len() {
+        bail!(
+            "rollout {id}: {} batch_started but {} batch_done events",
+            starts.len(),
+            dones.len()
+        );
+    }
+    // Which batch each host was activated in: its `activating` event falls
+    // between that batch's start and done.
+    let mut batch_of: HashMap<String, usize> = HashMap::new();
+    for (at, host, kind) in &events {
+        if kind == "activating" {
+            let at = *at as f64;
+            if let Some(i) = starts.iter().rposition(|s| *s <= at) {
+                batch_of.insert(host.clone(), i);
+            }
+        }
+    }
+    // Agent-side restart + bake per host.
+    let work: BTreeMap<String, f64> = match fleet {
+        Fleet::Swarm(_, restart) => batch_of
+            .keys()
+            .map(|h| (h.clone(), (*restart + bake).as_secs_f64() * 1000.0))
+            .collect(),
+        Fleet::Agents(agents) => {
+            let mut w = BTreeMap::new();
+            for (host, a) in agents {
+                let hist = a.history("web").await?;
+                let at = |event: &str| {
+                    hist.iter()
+                        .rev()
+                        .find(|e| e.event == event && e.release == release && e.cause == id)
+                        .map(|e| e.at_ms as f64)
+                };
+                let (Some(s), Some(v)) = (at("activating"), at("verified")) else {
+                    bail!("{host}: no activating/verified of {release} by {id} in its history");
+                };
+                w.insert(host.clone(), v - s);
+            }
+            w
+        }
+    };
+    let nb = starts.len();
+    let mut slowest = vec![0.0f64; nb];
+    for (h, i) in &batch_of {
+        if let Some(ms) = work.get(h) {
+            slowest[*i] = slowest[*i].max(*ms);
+        }
+    }
+    let limit_ms: f64 = slowest.iter().sum();
+    let in_batch: f64 = (0..nb).map(|i| dones[i] - starts[i] - slowest[i]).sum();
+    let gaps: f64 = (1..nb).map(|i| starts[i] - dones[i - 1]).sum();
+    Ok(Measured {
+        end_to_end_ms: succeeded - created,
+        staging_ms: running - created,
+        batch_phase_ms: dones[nb - 1] - starts[0],
+        limit_ms,
+        batches: nb,
+        in_batch_ms: in_batch / nb as f64,
+        gap_ms: gaps / nb as f64,
+        coord_cpu: 0.0,
+    })
+}
