@@ -62,7 +62,8 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
 
 /// The coordinator's test-only crash points, one per persisted rollout
 /// transition: a point is reached right after (flushed) the first rollout
-/// write carrying an event of that kind, `host_<kind>` for a host's event.
+/// write carrying an event of that kind, `host_<kind>` for a host's event
+/// (`host_failed` for a host's `host_failed`).
 pub const CRASH_POINTS: &[&str] = &[
     // The rollout, staging.
     "created",
@@ -132,9 +133,12 @@ impl Store {
         let Some(point) = self.crash_at.as_deref() else {
             return;
         };
+        // A host's event `x` is point `host_x` (`host_failed` stays as is).
         let hit = events.iter().any(|e| match &e.host {
-            Some(_) => point.strip_prefix("host_") == Some(e.kind.as_str()),
-            None => point == e.kind,
+            Some(_) if !e.kind.starts_with("host_") => {
+                point.strip_prefix("host_") == Some(e.kind.as_str())
+            }
+            _ => point == e.kind,
         });
         if hit {
             tracing::error!(point, "crash point reached; killing the coordinator");
@@ -153,16 +157,33 @@ impl Store {
     }
 
     /// Writes a rollout and the events that explain the change, atomically and
-    /// durably (flushed) before returning.
+    /// durably (flushed) before returning. Each rollout numbers its events
+    /// 1, 2, 3, ... (the next after its last stored one), so a gap in a log
+    /// is a lost event. Writes of one rollout must not race (the engine
+    /// holds the rollout's lock).
     pub fn save_rollout(&self, r: &Rollout, events: &[Event]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let key = format!("rollout/{}", r.id);
         batch.insert(key.as_bytes(), encode(&key, r)?);
+        let prefix = format!("event/{}/", r.id);
+        let mut seq = match self.db.scan_prefix(prefix.as_bytes()).next_back() {
+            None => 0,
+            Some(kv) => {
+                let (k, _) = kv.map_err(backend("read the last event"))?;
+                k.get(prefix.len()..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: "an event key must end in a 64-bit sequence number".into(),
+                    })?
+            }
+        };
         for e in events {
-            let seq = self.db.generate_id().map_err(backend("event id"))?;
+            seq += 1;
             let mut ev = e.clone();
             ev.seq = seq;
-            let mut k = format!("event/{}/", r.id).into_bytes();
+            let mut k = prefix.clone().into_bytes();
             k.extend_from_slice(&seq.to_be_bytes());
             batch.insert(k, encode("event", &ev)?);
         }

@@ -103,6 +103,47 @@ impl CoordinatorProc {
         self.spawn().await
     }
 
+    /// Replaces the extra top-level config lines (they may end with tables,
+    /// e.g. `[testing]`); they take effect at the next start.
+    pub fn set_extra(&mut self, extra: &str) {
+        self.extra = extra.to_string();
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits up to `deadline` for the process to exit by itself (e.g. at a
+    /// crash point); its exit status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Result<std::process::ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .context("the coordinator is not running")?;
+        let end = std::time::Instant::now() + deadline;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if std::time::Instant::now() > end {
+                bail!("the coordinator did not exit within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM (a clean stop), then waits up to `deadline` for the exit.
+    pub async fn stop(&mut self, deadline: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.pid().context("the coordinator is not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        self.wait_exit(deadline).await
+    }
+
     /// Runs the `rollout` CLI against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("rollout"))

@@ -7,7 +7,9 @@
 //! Every transition is persisted (and flushed) before it is acted on; a
 //! restarted coordinator resumes each unfinished rollout from the store. A host
 //! journaled as `activating` is reconciled from its own report and history, so
-//! it is never activated twice nor skipped.
+//! it is never activated twice nor skipped. A resumed rollout first waits (up
+//! to [`RESUME_GRACE`]) for its hosts to reconnect, so that none counts as
+//! unreachable only for reconnecting later than the coordinator started.
 
 pub mod model;
 
@@ -94,6 +96,10 @@ impl EngineError {
 /// a command.
 const COMMAND_SLACK: Duration = Duration::from_secs(30);
 
+/// How long a rollout resumed after a restart waits for its hosts to
+/// reconnect before it acts (agents back off up to 30 s by default).
+pub const RESUME_GRACE: Duration = Duration::from_secs(40);
+
 /// The engine.
 pub struct Engine {
     store: Store,
@@ -161,7 +167,12 @@ impl Engine {
         for r in self.store.rollouts()? {
             if !r.state.is_terminal() {
                 info!(rollout = %r.id, state = r.state.name(), "resuming rollout");
-                self.spawn(r.id.clone());
+                let me = self.clone();
+                let id = r.id.clone();
+                self.tasks.spawn(async move {
+                    me.await_hosts(&id).await;
+                    me.drive(id).await
+                });
             }
         }
         Ok(())
@@ -172,6 +183,34 @@ impl Engine {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Waits until every host of the rollout not already failed that the
+    /// fleet has seen before is connected, at most [`RESUME_GRACE`].
+    async fn await_hosts(&self, id: &str) {
+        let end = tokio::time::Instant::now() + RESUME_GRACE;
+        loop {
+            let Ok(r) = self.get(id) else { return };
+            let missing: Vec<&String> = r
+                .hosts
+                .iter()
+                .filter(|(h, p)| {
+                    p.failure.is_none() && self.fleet.knows(h) && !self.fleet.connected(h)
+                })
+                .map(|(h, _)| h)
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() > end {
+                warn!(rollout = %id, missing = ?missing, "hosts did not reconnect after the restart; resuming without them");
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = self.cancel.cancelled() => return,
+            }
+        }
     }
 
     fn spawn(self: &Arc<Self>, id: String) {

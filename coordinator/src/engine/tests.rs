@@ -726,6 +726,9 @@ async fn coordinator_killed_mid_activation_then_restarted_updates_each_host_once
     let r = h.wait_state(&id, RolloutState::Succeeded).await;
     assert_all_committed_once(&h, &r);
     let events = h.store.events(&id).expect("events");
+    // The log numbers its events 1, 2, 3, ... across the restart: none lost.
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
     assert!(
         events
             .iter()
