@@ -237,6 +237,15 @@ impl Fleet {
         session
     }
 
+    /// Ends every agent's stream (the coordinator is stopping): their
+    /// outbound halves close, so a graceful shutdown does not wait on
+    /// streams that never end; commands in flight fail as unreachable.
+    pub fn close_all(&self) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.clear();
+        }
+    }
+
     /// The stream of `host` ended.
     pub fn unregister(&self, host: &str, session: u64) {
         if let Ok(mut c) = self.conns.lock()

@@ -71,6 +71,9 @@ pub enum EngineError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The coordinator is stopping: nothing more is written.
+    #[error("the coordinator is shutting down; retry once it is back")]
+    ShuttingDown,
 }
 
 impl EngineError {
@@ -88,6 +91,7 @@ impl EngineError {
             }
             EngineError::Artifact(_) => tonic::Status::invalid_argument(m),
             EngineError::Store(_) => tonic::Status::internal(m),
+            EngineError::ShuttingDown => tonic::Status::unavailable(m),
         }
     }
 }
@@ -178,7 +182,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Stops every watcher (rollouts resume on the next start).
+    /// Stops every watcher (rollouts resume on the next start); from the
+    /// cancellation on, no rollout is written.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
         self.tasks.close();
@@ -241,6 +246,11 @@ impl Engine {
     ) -> Result<Rollout, EngineError> {
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
+        // Once stopping, commands fail as the agents' streams are closed:
+        // their failures are not the hosts' and must not be recorded.
+        if self.cancel.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
         let mut r = self.get(id)?;
         let events = f(&mut r)?;
         r.updated_at_ms = now_ms();

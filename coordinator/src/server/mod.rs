@@ -138,6 +138,14 @@ pub async fn run(
     );
     engine.resume_all()?;
     engine.spawn_reconciler();
+    {
+        // A clean stop ends the agents' streams, else it would wait on them.
+        let (fleet, cancel) = (fleet.clone(), cancel.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            fleet.close_all();
+        });
+    }
     if let Some((listener, metrics)) = metrics {
         info!(addr = ?listener.local_addr().ok(), "serving Prometheus metrics on /metrics");
         let (engine, cancel) = (engine.clone(), cancel.child_token());
