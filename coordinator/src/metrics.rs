@@ -13,6 +13,11 @@
 //! | `rollout_batch_duration_seconds` | histogram | |
 //! | `rollout_rollbacks_total` | counter | `reason` (see [`ROLLBACK_REASONS`]) |
 //! | `rollout_command_duration_seconds` | histogram | `command` (stage, activate, commit, rollback, ping) |
+//! | `rollout_artifact_fetches` | counter | |
+//! | `rollout_artifact_bytes_sent` | counter | |
+//!
+//! Artifacts are streamed from disk for each fetch, so
+//! `rollout_artifact_bytes_sent` is also the bytes read from artifact files.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -83,6 +88,8 @@ pub struct Metrics {
     batch_duration: Histogram,
     rollbacks: Family<ReasonLabels, Counter>,
     commands: Family<CommandLabels, Histogram, fn() -> Histogram>,
+    artifact_fetches: Counter,
+    artifact_bytes: Counter,
     /// One scrape at a time refreshes the scrape-time gauges and encodes.
     scrape: Mutex<()>,
 }
@@ -135,6 +142,18 @@ impl Metrics {
             "Round trip of a command to an agent until its result (or timeout), by command",
             commands.clone(),
         );
+        let artifact_fetches = Counter::default();
+        let artifact_bytes = Counter::default();
+        registry.register(
+            "rollout_artifact_fetches",
+            "Artifact downloads started by agents",
+            artifact_fetches.clone(),
+        );
+        registry.register(
+            "rollout_artifact_bytes_sent",
+            "Artifact bytes read from disk and sent to agents",
+            artifact_bytes.clone(),
+        );
         for reason in ROLLBACK_REASONS {
             let _ = rollbacks.get_or_create(&[("reason", reason)]);
         }
@@ -149,6 +168,8 @@ impl Metrics {
             batch_duration,
             rollbacks,
             commands,
+            artifact_fetches,
+            artifact_bytes,
             scrape: Mutex::new(()),
         }
     }
@@ -168,6 +189,16 @@ impl Metrics {
         self.commands
             .get_or_create(&[("command", command)])
             .observe(d.as_secs_f64());
+    }
+
+    /// An agent started an artifact download.
+    pub fn artifact_fetch(&self) {
+        self.artifact_fetches.inc();
+    }
+
+    /// `n` artifact bytes were read from disk and sent.
+    pub fn artifact_sent(&self, n: usize) {
+        self.artifact_bytes.inc_by(n as u64);
     }
 
     /// Sets the scrape-time gauges and encodes everything.
@@ -235,6 +266,20 @@ impl MetricsHook {
     pub fn observe_command(&self, command: &'static str, d: Duration) {
         if let Some(m) = self.get() {
             m.observe_command(command, d);
+        }
+    }
+
+    /// See [`Metrics::artifact_fetch`].
+    pub fn artifact_fetch(&self) {
+        if let Some(m) = self.get() {
+            m.artifact_fetch();
+        }
+    }
+
+    /// See [`Metrics::artifact_sent`].
+    pub fn artifact_sent(&self, n: usize) {
+        if let Some(m) = self.get() {
+            m.artifact_sent(n);
         }
     }
 
@@ -319,6 +364,9 @@ mod tests {
         m.observe_batch(Duration::from_secs(3));
         m.observe_command("commit", Duration::from_millis(20));
         m.observe_command("commit", Duration::from_millis(30));
+        m.artifact_fetch();
+        m.artifact_sent(1000);
+        m.artifact_sent(24);
         let hook = MetricsHook::default();
         hook.host_failed(Some(Failure::Unhealthy));
         hook.set(Arc::new(Metrics::new()));
@@ -356,6 +404,8 @@ mod tests {
             "rollout_command_duration_seconds_count{command=\"commit\"} 2",
             "rollout_command_duration_seconds_count{command=\"stage\"} 0",
             "rollout_rollbacks_total{reason=\"unhealthy\"} 0",
+            "rollout_artifact_fetches_total 1",
+            "rollout_artifact_bytes_sent_total 1024",
         ] {
             assert!(text.contains(sample), "{sample} missing:\n{text}");
         }

@@ -121,6 +121,8 @@ impl AgentService for AgentApi {
                 }
                 _ => Status::internal(e.to_string()),
             })?;
+        let fleet = self.fleet.clone();
+        fleet.metrics().artifact_fetch();
         let stream = async_stream::try_stream! {
             loop {
                 let chunk = read_chunk(&mut file, rollout_proto::ARTIFACT_CHUNK_BYTES)
@@ -129,6 +131,7 @@ impl AgentService for AgentApi {
                 if chunk.is_empty() {
                     break;
                 }
+                fleet.metrics().artifact_sent(chunk.len());
                 yield pb::ArtifactChunk { data: chunk };
             }
         };

@@ -1,0 +1,367 @@
+//! Rollback latency, host-level and fleet-level.
+//!
+//! **Host-level** (one release agent, driven by the in-process fake
+//! coordinator of `rollout-tests`, sample service with an HTTP check every
+//! 100 ms, 2 failures fail it): a prober polls the service's `/health` and
+//! `/version` every 2 ms. The restart time is the gap, during a healthy
+//! activation (v1 → v1b), between the last answer of v1 and the first of v1b.
+//! The rollback latency is, when the unhealthy v2 is activated, from the
+//! first `/health` answer 500 (no health check can fail earlier) to the first
+//! answer of v1b again.
+//!
+//! **Fleet-level** (the real coordinator and N release agents named
+//! `h001..`, batches of 10 %): v1 everywhere, then v2 which is healthy on all
+//! hosts but the last batch; the last batch fails, the failure budget (0) is
+//! exceeded and the coordinator rolls every updated host back (default
+//! `rollback_parallelism`). The latency is from the coordinator's `halted`
+//! event to the moment the prober (a sweep over every host's `/version`) has
+//! seen every host serve v1 again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rollout_proto::pb;
+use rollout_tests::FakeCoordinator;
+use rollout_tests::cluster::CoordinatorProc;
+
+use crate::util::{self, BenchAgent, Block, Ctx, Figure, SpecParams, note};
+
+/// Options of `bench rollback`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Args {
+    /// Agents of the fleet-level measurement (full: 100, quick: 5).
+    #[arg(long)]
+    pub hosts: Option<usize>,
+    /// Skip the fleet-level measurement.
+    #[arg(long)]
+    pub host_only: bool,
+}
+
+/// Runs the benchmark and publishes its block.
+pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
+    let n = args.hosts.unwrap_or(if ctx.quick { 5 } else { 100 });
+    let mut block = Block::start(
+        "Rollback latency",
+        if args.host_only {
+            "host-level only".to_string()
+        } else {
+            format!("fleet-level over {n} agents, batches of 10 %, max_failures 0")
+        },
+    );
+    let (mut restart, mut host, mut fleet) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..ctx.runs {
+        note(format!("rollback run {}/{}: host-level", i + 1, ctx.runs));
+        let (r, h) = host_level(ctx).await?;
+        note(format!("restart {r:.0} ms, host-level rollback {h:.0} ms"));
+        restart.push(r);
+        host.push(h);
+    }
+    if !args.host_only {
+        for i in 0..ctx.runs {
+            note(format!("rollback run {}/{}: fleet-level, {n} agents", i + 1, ctx.runs));
+            let f = fleet_level(ctx, n).await?;
+            note(format!("fleet-level rollback {f:.0} ms"));
+            fleet.push(f);
+        }
+    }
+    block.finish();
+    let budget: Vec<f64> = restart.iter().map(|r| r + 1000.0).collect();
+    let budget_median = util::Stats::of(&budget).map_or(0.0, |s| s.median);
+    block.figures = vec![
+        Figure::plain("restart time (ms)", restart),
+        Figure::at_most(
+            "host-level: first failed check → previous release serving (ms)",
+            host.clone(),
+            budget_median,
+            format!("≤ restart + 1 s ({} ms)", util::num(budget_median)),
+        ),
+    ];
+    if !args.host_only {
+        block.figures.push(Figure::plain(
+            format!("fleet-level, {n} agents: budget exceeded → all on the old release (ms)"),
+            fleet,
+        ));
+    }
+    block.notes.push(
+        "host-level start is the first unhealthy answer seen by a 2 ms prober, which is no later than the agent's first failed check (100 ms interval, 2 failures to fail)".into(),
+    );
+    ctx.publish(&block)
+}
+
+/// What the prober saw at one instant.
+#[derive(Debug, Clone)]
+struct Probe {
+    at: Instant,
+    health: Option<u16>,
+    version: Option<String>,
+}
+
+/// Polls one sample service until stopped.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Probe>>,
+}
+
+impl Prober {
+    fn start(port: u16) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            // Bounded: at most ten minutes of probes.
+            let end = Instant::now() + Duration::from_secs(600);
+            while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                let health = util::http(port, "/health").map(|(st, _)| st);
+                let version = util::served_version(port);
+                v.push(Probe {
+                    at: Instant::now(),
+                    health,
+                    version,
+                });
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            v
+        });
+        Prober { stop, thread }
+    }
+
+    fn finish(self) -> Vec<Probe> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn def(release: &str, digest: &str, port: u16) -> pb::ServiceDefinition {
+    rollout_tests::sample_definition("web", release, digest, port)
+}
+
+async fn host_level(ctx: &Ctx) -> Result<(f64, f64)> {
+    let fake = FakeCoordinator::start().await?;
+    let host = "rollback";
+    let agent = BenchAgent::start(ctx, host, &fake.url(), &[], "").await?;
+    fake.wait_connected(host, 1).await?;
+    let port = rollout_tests::free_port();
+    let d1 = fake.add_artifact(rollout_tests::sample_artifact(&["version=v1"]));
+    let d1b = fake.add_artifact(rollout_tests::sample_artifact(&["version=v1b"]));
+    let d2 = fake.add_artifact(rollout_tests::sample_artifact(&[
+        "version=v2",
+        "healthy=false",
+    ]));
+    let activate = async |release: &str, digest: &str| -> Result<pb::CommandResult> {
+        fake.stage(host, def(release, digest, port)).await?;
+        fake.activate(host, "web", release).await
+    };
+    let r = activate("v1", &d1).await?;
+    if !r.ok {
+        bail!("v1 failed: {}\n{}", r.error, agent.log());
+    }
+    fake.commit(host, "web", "v1").await?;
+
+    // Restart time: a healthy activation's gap between v1 and v1b.
+    fake.stage(host, def("v1b", &d1b, port)).await?;
+    let prober = Prober::start(port);
+    let r = fake.activate(host, "web", "v1b").await?;
+    util::poll(
+        "v1b serving",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
+    )
+    .await?;
+    let probes = prober.finish();
+    if !r.ok {
+        bail!("v1b failed: {}", r.error);
+    }
+    fake.commit(host, "web", "v1b").await?;
+    let first_new = probes
+        .iter()
+        .position(|p| p.version.as_deref() == Some("v1b"))
+        .context("the prober never saw v1b")?;
+    let last_old = probes[..first_new]
+        .iter()
+        .rposition(|p| p.version.as_deref() == Some("v1"))
+        .context("the prober never saw v1 before v1b")?;
+    let restart = ms(probes[first_new].at - probes[last_old].at);
+
+    // Host-level rollback: v2 answers 500 on /health.
+    fake.stage(host, def("v2", &d2, port)).await?;
+    let prober = Prober::start(port);
+    let r = fake.activate(host, "web", "v2").await?;
+    if r.ok {
+        bail!("the unhealthy v2 was accepted");
+    }
+    util::poll(
+        "v1b serving again",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
+    )
+    .await?;
+    let probes = prober.finish();
+    let first_fail = probes
+        .iter()
+        .position(|p| p.health == Some(500))
+        .context("the prober never saw v2 unhealthy")?;
+    let back = probes[first_fail..]
+        .iter()
+        .find(|p| p.version.as_deref() == Some("v1b"))
+        .context("the prober never saw v1b again")?;
+    let latency = ms(back.at - probes[first_fail].at);
+    let hist = agent.history("web").await.unwrap_or_default();
+    if !hist.iter().any(|h| h.release == "v2" && h.event == "rolled_back")
+        && !hist.iter().any(|h| h.event == "rolled_back")
+    {
+        bail!("no rolled_back entry in the agent's history: {hist:?}");
+    }
+    Ok((restart, latency))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The fleet-level run: returns milliseconds from `halted` to all on v1.
+async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
+    let coord = CoordinatorProc::start().await?;
+    let work = tempfile::tempdir()?;
+    let batch = n.div_ceil(10);
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..n {
+        let port = rollout_tests::free_port();
+        // The last batch (in name order) fails v2's health check.
+        let healthy = i < n - batch;
+        let env = vec![
+            ("PORT".to_string(), port.to_string()),
+            ("V2_HEALTHY".to_string(), healthy.to_string()),
+        ];
+        agents.push(
+            BenchAgent::start(
+                ctx,
+                &format!("h{:03}", i + 1),
+                &coord.url(),
+                &env,
+                "[labels]\nrole = \"web\"",
+            )
+            .await?,
+        );
+        ports.push(port);
+    }
+    util::poll(
+        "every agent connected",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        async || {
+            let v = coord.json(&["hosts"]).ok()?;
+            let c = v
+                .as_array()?
+                .iter()
+                .filter(|h| h["connected"] == true)
+                .count();
+            (c == n).then_some(())
+        },
+    )
+    .await?;
+    let sample = ctx.bin("sample-service")?;
+    let strategy = format!(
+        "batch_size = {batch}\nmax_unavailable = {batch}\nmax_failures = 0\nmin_healthy_time = \"300ms\"\nhealthy_deadline = \"5s\"\ncommit_deadline = \"10m\"\n"
+    );
+    let spec = |release: &str, conf: &[&str], extra: &[&str]| -> Result<std::path::PathBuf> {
+        let art = util::write_sample_artifact(work.path(), release, conf)?;
+        let text = SpecParams {
+            service: "web",
+            release,
+            artifact: &art,
+            sample: &sample,
+            port_var: "PORT",
+            extra_argv: extra,
+            strategy: &strategy,
+        }
+        .toml();
+        let p = work.path().join(format!("{release}.toml"));
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    let id = util::deploy(&coord, &spec("v1", &[], &[])?)?;
+    let deadline = Duration::from_secs(60 + 3 * n as u64);
+    let st = util::wait_state(&coord, &id, &["succeeded", "failed", "rolled_back"], deadline).await?;
+    if st != "succeeded" {
+        bail!("v1 rollout ended {st}");
+    }
+    for p in &ports {
+        util::poll(
+            "v1 everywhere",
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            async || (util::served_version(*p).as_deref() == Some("v1")).then_some(()),
+        )
+        .await?;
+    }
+
+    // Watch every host from before v2 starts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let watch_ports = ports.clone();
+    let watcher = std::thread::spawn(move || {
+        // Per port: when it was last seen switching to v1 (Unix ms), and
+        // whether it is on v1 now.
+        let mut back: HashMap<u16, i64> = HashMap::new();
+        let mut on_v1: HashMap<u16, bool> = watch_ports.iter().map(|p| (*p, true)).collect();
+        let end = Instant::now() + Duration::from_secs(1200);
+        while !s.load(Ordering::Relaxed) && Instant::now() < end {
+            for p in &watch_ports {
+                let v1 = util::served_version(*p).as_deref() == Some("v1");
+                let was = on_v1.insert(*p, v1).unwrap_or(true);
+                if v1 && !was {
+                    back.insert(*p, util::now_ms());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (back, on_v1)
+    });
+    let id2 = util::deploy(&coord, &spec("v2", &[], &["--healthy", "${V2_HEALTHY}"])?)?;
+    let st = util::wait_state(&coord, &id2, &["succeeded", "failed", "rolled_back"], deadline).await;
+    // Let the watcher see the last hosts come back, then stop it.
+    let all_v1 = util::poll(
+        "every host serving v1 again",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || {
+            ports
+                .iter()
+                .all(|p| util::served_version(*p).as_deref() == Some("v1"))
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (back, _) = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
+    let st = st?;
+    all_v1?;
+    if st != "rolled_back" {
+        bail!("v2 rollout ended {st}, expected rolled_back");
+    }
+    let ev = util::events(&coord, &id2)?;
+    let halted = ev
+        .iter()
+        .find(|(_, _, k)| k == "halted")
+        .map(|(t, _, _)| *t)
+        .context("no halted event")?;
+    let last_back = back.values().copied().max().context("no host switched back to v1")?;
+    if back.len() < n - batch {
+        note(format!(
+            "only {} of {} updated hosts were seen leaving and returning to v1",
+            back.len(),
+            n - batch
+        ));
+    }
+    drop(agents);
+    Ok((last_back - halted) as f64)
+}
