@@ -32,8 +32,21 @@ pub use coordinator::FakeCoordinator;
 /// How long any wait in the harness may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The workspace's `target/debug` (or wherever this test binary was built).
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`bin`] (and so every harness here) run the binaries in `dir`
+/// instead of those next to the running executable, e.g. `target/release`
+/// for the benchmarks. Only the first call counts.
+pub fn set_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
+/// The workspace's `target/debug` (or wherever this test binary was built),
+/// unless [`set_bin_dir`] chose another directory.
 pub fn target_dir() -> PathBuf {
+    if let Some(dir) = BIN_DIR.get() {
+        return dir.clone();
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/debug/deps/<test> -> target/debug
     exe.parent()
