@@ -358,6 +358,7 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
     // rolls back by itself), and the coordinator, noticing the loss by
     // keepalive, halts past its budget.
     let mut back: [Option<Duration>; 2] = [None, None];
+    let mut alone: [Option<Duration>; 2] = [None, None];
     let mut halted = None;
     poll(
         "h3 and h4 back on v1 and the rollout failed",
@@ -369,11 +370,18 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
                 {
                     back[i] = Some(cut.elapsed());
                 }
+                // The agent's own keepalive ends its session.
+                if alone[i].is_none()
+                    && f.agent_status(h)
+                        .is_ok_and(|st| st["coordinator_connected"] == false)
+                {
+                    alone[i] = Some(cut.elapsed());
+                }
             }
             if halted.is_none() && f.status(&id).is_ok_and(|s| s["state"] == "failed") {
                 halted = Some(cut.elapsed());
             }
-            (back.iter().all(Option::is_some) && halted.is_some()).then_some(())
+            (back.iter().chain(&alone).all(Option::is_some) && halted.is_some()).then_some(())
         },
     )
     .with_context(|| {
@@ -414,6 +422,15 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
         assert_eq!(f.served_version(h).as_deref(), Some("v1"), "{h}");
     }
     let halted = halted.unwrap_or_default();
+    // Both ends notice the silent cut by keepalive (1 s + 2 s), not after
+    // the 20 s of the defaults.
+    for (h, t) in ["h3", "h4"].iter().zip(alone) {
+        let t = t.unwrap_or_default();
+        assert!(
+            t <= Duration::from_secs(10),
+            "{h} noticed the lost coordinator only {t:?} after the cut"
+        );
+    }
     // Within the keepalive (3 s) and the time to halt, far inside the
     // batch's healthy_deadline.
     assert!(
@@ -468,8 +485,8 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
         assert_eq!(activations(doc, &id), 1, "{h}: {doc:#}");
     }
     eprintln!(
-        "coordinator partition: hosts back on v1 {back:?} after the cut, rollout failed \
-         {halted:?} after it; total {:?}",
+        "coordinator partition: agents disconnected {alone:?}, hosts back on v1 {back:?} after \
+         the cut, rollout failed {halted:?} after it; total {:?}",
         t0.elapsed()
     );
     Ok(())
