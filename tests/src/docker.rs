@@ -19,6 +19,13 @@
 //!   directory `/var/lib/rollout` lives in the container (kept across
 //!   `docker kill` + `docker start`), or on a size-limited tmpfs for
 //!   [`AgentSpec::disk_limit`] (lost on a host restart).
+//! * Both ends of every agent's connection ping it every
+//!   [`KEEPALIVE_INTERVAL`] and give up after [`KEEPALIVE_TIMEOUT`] of silence
+//!   (agent `[coordinator]`, coordinator `[agents]` settings), so a partition
+//!   or a frozen host is noticed within seconds.
+//! * [`DockerFleet::check_histories`] is the history checker every scenario
+//!   ends with: the agents' own histories against the coordinator's record
+//!   and event log ([`DockerFleet::events_contiguous`]).
 //! * Everything is removed on drop, also when the test panics; containers and
 //!   networks left by a test process that was killed are labelled with its pid
 //!   and removed by the next test process.
