@@ -1116,8 +1116,12 @@ impl Drop for DockerFleet {
                 eprintln!("cleanup of fleet {}: {e}", self.id);
             }
         }
+        // The engine may still be detaching the removed containers' endpoints
+        // ("has active endpoints"): retry for a few seconds.
         if self.network_created
-            && let Err(e) = docker(&["network", "rm", &self.id])
+            && let Err(e) = poll("the fleet network removed", Duration::from_secs(10), || {
+                docker(&["network", "rm", &self.id]).ok()
+            })
         {
             eprintln!("cleanup of fleet {}: {e}", self.id);
         }
