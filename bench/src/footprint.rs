@@ -98,11 +98,7 @@ fn definition(
     d
 }
 
-async fn deploy(
-    fake: &FakeCoordinator,
-    host: &str,
-    def: pb::ServiceDefinition,
-) -> Result<()> {
+async fn deploy(fake: &FakeCoordinator, host: &str, def: pb::ServiceDefinition) -> Result<()> {
     let service = def.service.clone();
     let release = def.release.clone();
     fake.stage(host, def).await?;
@@ -120,7 +116,10 @@ async fn one_run(ctx: &Ctx, idle: Duration, cycles: usize) -> Result<RunResult> 
     let agent = BenchAgent::start(ctx, host, &fake.url(), &[], "").await?;
     fake.wait_connected(host, 1).await?;
     let pid = agent.pid().context("agent pid")?;
-    let ports: Vec<u16> = SERVICES.iter().map(|_| rollout_tests::free_port()).collect();
+    let ports: Vec<u16> = SERVICES
+        .iter()
+        .map(|_| rollout_tests::free_port())
+        .collect();
     let digest = fake.add_artifact(rollout_tests::sample_artifact(&["version=r0"]));
     for (svc, port) in SERVICES.iter().zip(&ports) {
         deploy(&fake, host, definition(svc, "r0", &digest, *port, false))

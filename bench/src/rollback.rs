@@ -61,7 +61,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
     }
     if !args.host_only {
         for i in 0..ctx.runs {
-            note(format!("rollback run {}/{}: fleet-level, {n} agents", i + 1, ctx.runs));
+            note(format!(
+                "rollback run {}/{}: fleet-level, {n} agents",
+                i + 1,
+                ctx.runs
+            ));
             let f = fleet_level(ctx, n).await?;
             note(format!("fleet-level rollback {f:.0} ms"));
             fleet.push(f);
@@ -211,7 +215,9 @@ async fn host_level(ctx: &Ctx) -> Result<(f64, f64)> {
         .context("the prober never saw v1b again")?;
     let latency = ms(back.at - probes[first_fail].at);
     let hist = agent.history("web").await.unwrap_or_default();
-    if !hist.iter().any(|h| h.release == "v2" && h.event == "rolled_back")
+    if !hist
+        .iter()
+        .any(|h| h.release == "v2" && h.event == "rolled_back")
         && !hist.iter().any(|h| h.event == "rolled_back")
     {
         bail!("no rolled_back entry in the agent's history: {hist:?}");
@@ -287,7 +293,13 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
     };
     let id = util::deploy(&coord, &spec("v1", &[], &[])?)?;
     let deadline = Duration::from_secs(60 + 3 * n as u64);
-    let st = util::wait_state(&coord, &id, &["succeeded", "failed", "rolled_back"], deadline).await?;
+    let st = util::wait_state(
+        &coord,
+        &id,
+        &["succeeded", "failed", "rolled_back"],
+        deadline,
+    )
+    .await?;
     if st != "succeeded" {
         bail!("v1 rollout ended {st}");
     }
@@ -324,7 +336,13 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
         (back, on_v1)
     });
     let id2 = util::deploy(&coord, &spec("v2", &[], &["--healthy", "${V2_HEALTHY}"])?)?;
-    let st = util::wait_state(&coord, &id2, &["succeeded", "failed", "rolled_back"], deadline).await;
+    let st = util::wait_state(
+        &coord,
+        &id2,
+        &["succeeded", "failed", "rolled_back"],
+        deadline,
+    )
+    .await;
     // Let the watcher see the last hosts come back, then stop it.
     let all_v1 = util::poll(
         "every host serving v1 again",
@@ -354,7 +372,11 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
         .find(|(_, _, k)| k == "halted")
         .map(|(t, _, _)| *t)
         .context("no halted event")?;
-    let last_back = back.values().copied().max().context("no host switched back to v1")?;
+    let last_back = back
+        .values()
+        .copied()
+        .max()
+        .context("no host switched back to v1")?;
     if back.len() < n - batch {
         note(format!(
             "only {} of {} updated hosts were seen leaving and returning to v1",

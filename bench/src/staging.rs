@@ -57,7 +57,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
     );
     let mut results = Vec::new();
     for i in 0..ctx.runs {
-        note(format!("staging run {}/{}: {size} MiB to {n} hosts", i + 1, ctx.runs));
+        note(format!(
+            "staging run {}/{}: {size} MiB to {n} hosts",
+            i + 1,
+            ctx.runs
+        ));
         let r = one_run(ctx, size * 1024 * 1024, n).await?;
         note(format!(
             "wall {:.2} s, limit {:.2} s, sent {:.0} MiB in {} fetches",
@@ -219,8 +223,8 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
     let coord =
         CoordinatorProc::start_with(&format!("metrics_listen = \"127.0.0.1:{metrics_port}\""))
             .await?;
-    let coord_pid = util::find_pid(&coord.dir.path().display().to_string())
-        .context("the coordinator's pid")?;
+    let coord_pid =
+        util::find_pid(&coord.dir.path().display().to_string()).context("the coordinator's pid")?;
     let mut agents = Vec::new();
     for i in 0..n {
         let env = vec![("PORT".to_string(), rollout_tests::free_port().to_string())];
@@ -287,7 +291,12 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
     .await
     .with_context(|| util::tail(&coord.log(), 40))?;
     if let Some(f) = ev.iter().find(|e| e.2 == "host_failed" || e.2 == "halted") {
-        bail!("staging failed on {}: {:?}\n{}", f.1, ev, util::tail(&coord.log(), 40));
+        bail!(
+            "staging failed on {}: {:?}\n{}",
+            f.1,
+            ev,
+            util::tail(&coord.log(), 40)
+        );
     }
     let first = ev.iter().map(|e| e.0).min().unwrap_or(0);
     let last = ev
@@ -297,8 +306,10 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         .max()
         .unwrap_or(0);
     let wall_s = (last - first) as f64 / 1000.0;
-    let sent = util::metric(metrics_port, "rollout_artifact_bytes_sent_total").unwrap_or(0.0) - sent0;
-    let fetches = util::metric(metrics_port, "rollout_artifact_fetches_total").unwrap_or(0.0) - fetch0;
+    let sent =
+        util::metric(metrics_port, "rollout_artifact_bytes_sent_total").unwrap_or(0.0) - sent0;
+    let fetches =
+        util::metric(metrics_port, "rollout_artifact_fetches_total").unwrap_or(0.0) - fetch0;
     let io1 = util::proc_io(coord_pid).map_or(0, |(_, rb)| rb);
     let disk_bytes: u64 = agents
         .iter()

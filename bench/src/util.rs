@@ -724,12 +724,10 @@ pub fn metric(port: u16, name: &str) -> Option<f64> {
     if status != 200 {
         return None;
     }
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.trim().parse().ok())?
-        })
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == name).then(|| v.trim().parse().ok())?
+    })
 }
 
 #[cfg(test)]
@@ -739,7 +737,14 @@ mod tests {
     #[test]
     fn stats_median_min_max() {
         let s = Stats::of(&[3.0, 1.0, 2.0]).expect("stats");
-        assert_eq!(s, Stats { median: 2.0, min: 1.0, max: 3.0 });
+        assert_eq!(
+            s,
+            Stats {
+                median: 2.0,
+                min: 1.0,
+                max: 3.0
+            }
+        );
         let s = Stats::of(&[4.0, 1.0, 2.0, 3.0]).expect("stats");
         assert_eq!(s.median, 2.5);
         assert!(Stats::of(&[]).is_none());
@@ -747,7 +752,10 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert_eq!(Figure::at_most("x", vec![1.0, 9.0, 2.0], 2.0, "").met(), Some(true));
+        assert_eq!(
+            Figure::at_most("x", vec![1.0, 9.0, 2.0], 2.0, "").met(),
+            Some(true)
+        );
         assert_eq!(Figure::at_most("x", vec![3.0], 2.0, "").met(), Some(false));
         assert_eq!(Figure::plain("x", vec![3.0]).met(), None);
     }
