@@ -74,12 +74,12 @@ mode_owner() { stat -c '%a %U' "$1" 2>/dev/null; }
 
 cd /debs
 export DEBIAN_FRONTEND=noninteractive
-if ! apt-get install -y --no-download "./$agent_deb" "./$coordinator_deb" >/tmp/apt.log 2>&1; then
+if ! apt-get install -y "/debs/$agent_deb" "/debs/$coordinator_deb" >/tmp/apt.log 2>&1; then
   cat /tmp/apt.log
-  echo "FAILED: apt install ./$agent_deb ./$coordinator_deb"
+  echo "FAILED: apt-get install /debs/$agent_deb /debs/$coordinator_deb"
   exit 1
 fi
-ok "apt install ./$agent_deb ./$coordinator_deb"
+ok "apt-get install /debs/$agent_deb /debs/$coordinator_deb"
 
 check "rollout-agent --version" rollout-agent --version
 check "rollout --version" rollout --version
