@@ -162,5 +162,5 @@ fn coordinator_rolling_restarts_during_three_concurrent_rollouts() -> Result<()>
             .map(|(_, var)| (var.to_string(), free_port().to_string()))
             .collect()
     })?;
-    crash_common::rolling_restarts_with_three_rollouts(&mut rig, 4)
+    crash_common::rolling_restarts_with_three_rollouts(&mut rig, 4, "\"1s\"")
 }
