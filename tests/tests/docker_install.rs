@@ -349,6 +349,24 @@ fn container_demo_deploys_v2_everywhere_and_rolls_v3_back() -> Result<()> {
             "--output",
             "json",
         ])?)?;
+        let status: serde_json::Value = serde_json::from_str(&docker(&[
+            "exec",
+            &c,
+            "rollout-agent",
+            "status",
+            "--output",
+            "json",
+        ])?)?;
+        let web = status["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["service"] == "web")
+            .with_context(|| format!("h{i} has no web: {status}"))?;
+        ensure!(
+            web["current"] == "v2" && web["phase"] == "idle",
+            "h{i} must be idle on v2 after v3's rollback: {web}"
+        );
         let hist = doc["history"].as_array().cloned().unwrap_or_default();
         ensure!(
             hist.iter()
