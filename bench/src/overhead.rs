@@ -191,12 +191,19 @@ async fn one_size(
     let batch = n.div_ceil(10);
     let sample = ctx.bin("sample-service")?;
     let mut release_no = 0usize;
-    let mut next_spec = |bake: Duration| -> Result<(String, PathBuf)> {
+    let mut next_spec = |bake: Duration, warm_up: bool| -> Result<(String, PathBuf)> {
         release_no += 1;
         let release = format!("v{release_no}");
         let art = util::write_sample_artifact(work.path(), &release, &[])?;
+        // The warm-up tolerates hosts failing (a loaded machine); a measured
+        // rollout does not, so a failure ends the benchmark with its reason.
+        let failures = if warm_up {
+            "\"50%\"\nauto_rollback = false"
+        } else {
+            "0"
+        };
         let strategy = format!(
-            "batch_size = {batch}\nmax_unavailable = {batch}\nmax_failures = 0\nmin_healthy_time = \"{}ms\"\nhealthy_deadline = \"60s\"\ncommit_deadline = \"30m\"\n",
+            "batch_size = {batch}\nmax_unavailable = {batch}\nmax_failures = {failures}\nmin_healthy_time = \"{}ms\"\nhealthy_deadline = \"60s\"\ncommit_deadline = \"30m\"\n",
             bake.as_millis()
         );
         let text = SpecParams {
@@ -214,7 +221,7 @@ async fn one_size(
         Ok((release, p))
     };
     // Warm-up: the service runs everywhere before the measured rollouts.
-    let (_, spec) = next_spec(Duration::ZERO)?;
+    let (_, spec) = next_spec(Duration::ZERO, true)?;
     rollout(&coord, &spec, n, Duration::ZERO).await?;
     for bake in bakes {
         let mut block = Block::start(
@@ -241,7 +248,7 @@ async fn one_size(
                 i + 1,
                 ctx.runs
             ));
-            let (release, spec) = next_spec(*bake)?;
+            let (release, spec) = next_spec(*bake, false)?;
             let before = util::sample_proc(pid)?;
             let id = rollout(&coord, &spec, n, *bake).await?;
             let after = util::sample_proc(pid)?;
@@ -346,9 +353,20 @@ async fn rollout(
     )
     .await?;
     if st != "succeeded" {
+        let failed: Vec<String> = coord
+            .json(&["events", &id])?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["kind"] == "host_failed")
+                    .map(|e| format!("{}: {}", e["host"], e["message"]))
+                    .collect()
+            })
+            .unwrap_or_default();
         bail!(
-            "rollout {id} ended {st}; coordinator log tail:\n{}",
-            util::tail(&coord.log(), 40)
+            "rollout {id} ended {st} (the load average is {}); hosts failed:\n{}",
+            util::loadavg(),
+            failed.join("\n")
         );
     }
     Ok(id)
