@@ -22,9 +22,13 @@ use crate::tls::Identity;
 /// Why a command did not get a result.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FleetError {
-    /// The host has no live stream, or it dropped mid-command.
+    /// The host has no live stream.
     #[error("host {0} is unreachable (not connected to the coordinator)")]
     Unreachable(String),
+    /// The host's stream ended (or was replaced by a newer one) while the
+    /// command was in flight: the host may have acted on it.
+    #[error("host {0} is unreachable (its stream ended while the command was in flight)")]
+    Dropped(String),
     /// No result within the time allowed.
     #[error("host {host} did not answer within {after:?}")]
     Timeout {
@@ -294,6 +298,11 @@ impl Fleet {
             .unwrap_or(false)
     }
 
+    /// The session id of `host`'s live stream (a new one on every connect).
+    pub fn session(&self, host: &str) -> Option<u64> {
+        self.conns.lock().ok()?.get(host).map(|c| c.session)
+    }
+
     /// Names of the hosts with a live stream, sorted.
     pub fn connected_hosts(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -379,13 +388,13 @@ impl Fleet {
             cmd: Some(cmd),
         };
         if out.send(Ok(msg)).await.is_err() {
-            return Err(FleetError::Unreachable(host.to_string()));
+            return Err(FleetError::Dropped(host.to_string()));
         }
         let waited = tokio::time::timeout(timeout, rx).await;
         self.metrics.observe_command(kind, started.elapsed());
         match waited {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(FleetError::Unreachable(host.to_string())),
+            Ok(Err(_)) => Err(FleetError::Dropped(host.to_string())),
             Err(_) => {
                 if let Ok(mut c) = self.conns.lock()
                     && let Some(conn) = c.get_mut(host)

@@ -88,7 +88,12 @@ pub const CRASH_POINTS: &[&str] = &[
     // A batch of hosts journaled rolling back, before the Rollbacks are sent.
     "rolling_back",
     "host_rolled_back",
+    // A host the fleet rollback could not reach (or that refused): its
+    // rollback is owed, sent by the reconciler when it reconnects.
+    "host_rollback_owed",
     "rolled_back",
+    // The last owed rollback of a finished rollout settled.
+    "rollback_complete",
     // The operator's abort.
     "aborted",
 ];

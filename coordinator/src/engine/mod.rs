@@ -113,6 +113,11 @@ pub struct Engine {
     changes: broadcast::Sender<String>,
     cancel: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+    /// Owed rollbacks sent by the reconciler: (rollout, host) → the session
+    /// and reported (release, phase) it was sent for, so a refused one is
+    /// retried once the host reconnects or its situation changes, not on
+    /// every report.
+    owed_sent: Mutex<HashMap<(String, String), (u64, String, i32)>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -148,6 +153,7 @@ impl Engine {
             changes,
             cancel,
             tasks: tokio_util::task::TaskTracker::new(),
+            owed_sent: Mutex::new(HashMap::new()),
         })
     }
 
@@ -929,7 +935,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let state = r.hosts.get(&host).map(|p| p.state);
         if state == Some(HostState::Activating) {
-            return self.reconcile_activating(r, host, timeout).await;
+            let end = tokio::time::Instant::now() + timeout;
+            return self.reconcile_activating(r, host, end, end, false).await;
         }
         let before = self
             .fleet
@@ -961,7 +968,28 @@ impl Engine {
             release: r.release.clone(),
             cause: r.id.clone(),
         });
+        let sent = tokio::time::Instant::now();
+        let sent_ms = now_ms();
         let res = self.fleet.command(&host, cmd, timeout).await;
+        if let Err(FleetError::Dropped(_)) = &res {
+            // The stream ended while the host was activating: it may come
+            // back at once (a network blip) having verified the release. Give
+            // it a bounded grace to reconnect, then decide from its report.
+            let healthy = Duration::from_millis(r.definition().healthy_deadline_ms.max(1000));
+            let now = now_ms();
+            let by = planner::activation_reconnect_by(sent_ms, now, healthy);
+            let reconnect_by = tokio::time::Instant::now()
+                + Duration::from_millis(u64::try_from(by.saturating_sub(now)).unwrap_or(0));
+            info!(rollout = %r.id, host = %host, grace_ms = by.saturating_sub(now), "stream ended during the activation; waiting for the host to reconnect");
+            return Box::pin(self.reconcile_activating(
+                r,
+                host,
+                reconnect_by,
+                sent + timeout,
+                true,
+            ))
+            .await;
+        }
         self.update(&r.id, |r| {
             let Some(p) = r.hosts.get_mut(&host) else {
                 return Ok(vec![]);
@@ -998,19 +1026,24 @@ impl Engine {
         Ok(())
     }
 
-    /// A host journaled as activating when the coordinator stopped: decide from
-    /// its own report whether the activation happened.
+    /// A host journaled as activating when the coordinator stopped, or whose
+    /// stream ended while its Activate was in flight (`after_drop`): decide
+    /// from its own report whether the activation happened. It must be
+    /// connected by `reconnect_by` and settled (not activating, verifying or
+    /// rolling back) by `settle_by`, else it counts as unreachable.
     async fn reconcile_activating(
         &self,
         r: &Rollout,
         host: String,
-        timeout: Duration,
+        reconnect_by: tokio::time::Instant,
+        settle_by: tokio::time::Instant,
+        after_drop: bool,
     ) -> Result<(), EngineError> {
-        let end = tokio::time::Instant::now() + timeout;
+        let mut reconnected = false;
         loop {
-            if self.fleet.connected(&host)
-                && let Some(s) = self.fleet.service(&host, &r.service)
-            {
+            let connected = self.fleet.connected(&host);
+            reconnected |= connected;
+            if connected && let Some(s) = self.fleet.service(&host, &r.service) {
                 let ours = |event: &str| {
                     s.recent
                         .iter()
@@ -1051,12 +1084,30 @@ impl Engine {
                 ) {
                     // The activation never reached the host: send it now.
                     info!(rollout = %r.id, host = %host, "activation was never received; sending it");
-                    return self.send_activate(r, host, timeout).await;
+                    let left = settle_by.saturating_duration_since(tokio::time::Instant::now());
+                    return self.send_activate(r, host, left.max(COMMAND_SLACK)).await;
                 } else {
                     None
                 };
                 if let Some((state, failure, msg)) = outcome {
                     self.fleet.metrics().host_failed(failure);
+                    // After a drop, the outcome is the answer the Activate
+                    // would have had: recorded under the same event kinds.
+                    let (kind, msg) = if after_drop {
+                        let kind = match state {
+                            HostState::Probation => "probation",
+                            HostState::Committed => "committed",
+                            _ => "host_failed",
+                        };
+                        (
+                            kind,
+                            format!(
+                                "its stream ended during the activation; it reconnected: {msg}"
+                            ),
+                        )
+                    } else {
+                        ("reconciled", msg)
+                    };
                     self.update(&r.id, |r| {
                         if let Some(p) = r.hosts.get_mut(&host) {
                             p.state = state;
@@ -1065,23 +1116,37 @@ impl Engine {
                                 p.reason = msg.clone();
                             }
                         }
-                        Ok(vec![ev(Some(&host), "reconciled", msg)])
+                        Ok(vec![ev(Some(&host), kind, msg)])
                     })
                     .await?;
                     return Ok(());
                 }
             }
-            if tokio::time::Instant::now() > end {
+            let now = tokio::time::Instant::now();
+            if now > settle_by || (!reconnected && now > reconnect_by) {
+                let why = match (after_drop, reconnected) {
+                    (false, _) => "no report after a coordinator restart".to_string(),
+                    (true, false) => format!(
+                        "its stream ended during the activation and it did not reconnect within {:?}",
+                        planner::reconnect_grace(Duration::from_millis(
+                            r.definition().healthy_deadline_ms.max(1000)
+                        ))
+                    ),
+                    (true, true) => {
+                        "its stream ended during the activation; it reconnected but did not settle in time"
+                            .to_string()
+                    }
+                };
                 self.update(&r.id, |r| {
                     if let Some(p) = r.hosts.get_mut(&host) {
                         p.state = HostState::Failed;
                         p.failure = Some(Failure::Unreachable);
-                        p.reason = "no report after a coordinator restart".into();
+                        p.reason = why.clone();
                     }
                     Ok(vec![ev(
                         Some(&host),
                         "host_failed",
-                        "unreachable: no report after a coordinator restart",
+                        format!("unreachable: {why}"),
                     )])
                 })
                 .await?;
@@ -1110,7 +1175,6 @@ impl Engine {
             .map(|(h, p)| (p.batch, h.clone(), p.previous_release.clone()))
             .collect();
         by_batch.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut failed = Vec::new();
         let mut batch_ids: Vec<usize> = by_batch.iter().map(|x| x.0).collect();
         batch_ids.dedup();
         for b in batch_ids {
@@ -1171,15 +1235,25 @@ impl Engine {
                                 "returned to its previous release",
                             ));
                         }
+                        // Still on the new release: the rollback is owed, and
+                        // the reconciler sends it when the host is back.
                         Ok(x) => {
-                            p.reason = format!("rollback: {}", x.error);
-                            failed.push(h.clone());
-                            events.push(ev(Some(&h), "rollback_failed", x.error.clone()));
+                            p.state = HostState::RollbackOwed;
+                            p.reason = format!("rollback refused: {}", x.error);
+                            events.push(ev(
+                                Some(&h),
+                                "rollback_owed",
+                                format!("rollback refused: {}; retried when the host reconnects or settles", x.error),
+                            ));
                         }
                         Err(e) => {
+                            p.state = HostState::RollbackOwed;
                             p.reason = format!("rollback: {e}");
-                            failed.push(h.clone());
-                            events.push(ev(Some(&h), "rollback_failed", e.to_string()));
+                            events.push(ev(
+                                Some(&h),
+                                "rollback_owed",
+                                format!("{e}; rolled back when it reconnects"),
+                            ));
                         }
                     }
                 }
@@ -1193,12 +1267,13 @@ impl Engine {
             } else {
                 RolloutState::RolledBack
             };
-            let tail = if failed.is_empty() {
+            let owed = r.owed_rollbacks();
+            let tail = if owed.is_empty() {
                 String::new()
             } else {
                 format!(
-                    "; not rolled back (unreachable or refused, they return on their own when in probation): {}",
-                    failed.join(",")
+                    "; rollback still owed on {} (unreachable or refused): each is rolled back when it reconnects",
+                    owed.join(",")
                 )
             };
             r.message = format!("{}{tail}", r.message);
@@ -1229,6 +1304,9 @@ impl Engine {
                 }
                 if let Err(e) = me.reconcile_returned(&host).await {
                     warn!(host = %host, error = %e, "reconciling a returned host failed");
+                }
+                if let Err(e) = me.settle_owed_rollbacks(&host).await {
+                    warn!(host = %host, error = %e, "settling an owed rollback failed");
                 }
             }
         });
@@ -1303,6 +1381,128 @@ impl Engine {
                 Ok(vec![ev(Some(host), "reconciled", note.clone())])
             })
             .await?;
+        }
+        Ok(())
+    }
+
+    /// A connected host whose fleet rollback is owed (it was unreachable or
+    /// refused when its rollout rolled back): rolled back now if it still
+    /// runs the rollout's release, else recorded as back. Once no host of
+    /// the rollout is owed any more, the rollout records that its fleet
+    /// rollback is complete.
+    async fn settle_owed_rollbacks(&self, host: &str) -> Result<(), EngineError> {
+        let rollouts: Vec<Rollout> = self
+            .store
+            .rollouts()?
+            .into_iter()
+            .filter(|r| r.hosts.get(host).map(|p| p.state) == Some(HostState::RollbackOwed))
+            .collect();
+        for r in rollouts {
+            let (Some(session), Some(s)) = (
+                self.fleet.session(host),
+                self.fleet.service(host, &r.service),
+            ) else {
+                continue;
+            };
+            let phase = pb::Phase::try_from(s.phase).unwrap_or(pb::Phase::Unspecified);
+            let busy = matches!(
+                phase,
+                pb::Phase::Activating | pb::Phase::Verifying | pb::Phase::RollingBack
+            );
+            let note = match planner::owed_rollback(busy, s.current_release == r.release) {
+                planner::OwedRollback::Wait => continue,
+                planner::OwedRollback::Settled => format!(
+                    "back on {} by itself ({}); nothing to send",
+                    if s.current_release.is_empty() {
+                        "-"
+                    } else {
+                        &s.current_release
+                    },
+                    s.step
+                ),
+                planner::OwedRollback::Send => {
+                    let key = (r.id.clone(), host.to_string());
+                    let seen = (session, s.current_release.clone(), s.phase);
+                    let again = self
+                        .owed_sent
+                        .lock()
+                        .map(|m| m.get(&key) == Some(&seen))
+                        .unwrap_or(false);
+                    if again {
+                        continue;
+                    }
+                    if let Ok(mut m) = self.owed_sent.lock() {
+                        m.insert(key, seen);
+                    }
+                    let prev = r.hosts.get(host).and_then(|p| p.previous_release.clone());
+                    let cmd = Cmd::Rollback(pb::Rollback {
+                        service: r.service.clone(),
+                        to_release: prev.unwrap_or_default(),
+                        reason: format!("rollout {} halted: owed rollback ({})", r.id, r.message),
+                    });
+                    let (t, _) = Self::def_timeouts(&r);
+                    match self.fleet.command(host, cmd, t).await {
+                        Ok(x) if x.ok => {
+                            let why = if r.aborted { "abort" } else { "fleet_halt" };
+                            self.fleet.metrics().rollback(why);
+                            "returned to its previous release on reconnect".to_string()
+                        }
+                        Ok(x) => {
+                            self.update(&r.id, |_| {
+                                Ok(vec![ev(
+                                    Some(host),
+                                    "rollback_failed",
+                                    format!("owed rollback refused: {}; still owed", x.error),
+                                )])
+                            })
+                            .await?;
+                            continue;
+                        }
+                        Err(e) => {
+                            self.update(&r.id, |_| {
+                                Ok(vec![ev(
+                                    Some(host),
+                                    "rollback_failed",
+                                    format!("owed rollback: {e}; still owed"),
+                                )])
+                            })
+                            .await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            info!(rollout = %r.id, host, note = %note, "owed rollback settled");
+            self.update(&r.id, |r| {
+                let Some(p) = r.hosts.get_mut(host) else {
+                    return Ok(vec![]);
+                };
+                if p.state != HostState::RollbackOwed {
+                    return Ok(vec![]);
+                }
+                p.state = HostState::RolledBack;
+                p.reason = format!("{}; {note}", p.reason);
+                let mut events = vec![ev(Some(host), "rolled_back", note.clone())];
+                if r.owed_rollbacks().is_empty() && r.state.is_terminal() {
+                    r.message = format!(
+                        "{}; fleet rollback complete: every host it changed is back",
+                        r.message
+                            .split("; rollback still owed on")
+                            .next()
+                            .unwrap_or_default()
+                    );
+                    events.push(ev(
+                        None,
+                        "rollback_complete",
+                        "every host it changed is back on its previous release",
+                    ));
+                }
+                Ok(events)
+            })
+            .await?;
+            if let Ok(mut m) = self.owed_sent.lock() {
+                m.remove(&(r.id.clone(), host.to_string()));
+            }
         }
         Ok(())
     }

@@ -82,6 +82,9 @@ pub enum HostState {
     RollingBack,
     /// Returned to its previous release by the fleet rollback.
     RolledBack,
+    /// The fleet rollback could not reach it (or it refused): still on the
+    /// new release, rolled back by the reconciler when it reconnects.
+    RollbackOwed,
 }
 
 impl HostState {
@@ -96,6 +99,7 @@ impl HostState {
             HostState::Failed => "failed",
             HostState::RollingBack => "rolling_back",
             HostState::RolledBack => "rolled_back",
+            HostState::RollbackOwed => "rollback_owed",
         }
     }
 }
@@ -218,6 +222,15 @@ impl Rollout {
                 )
             })
             .count()
+    }
+
+    /// Hosts whose fleet rollback is still owed, sorted.
+    pub fn owed_rollbacks(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|(_, p)| p.state == HostState::RollbackOwed)
+            .map(|(h, _)| h.clone())
+            .collect()
     }
 
     /// Failed hosts.

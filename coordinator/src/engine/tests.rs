@@ -33,6 +33,8 @@ use crate::store::Store;
 const PATIENCE: Duration = Duration::from_secs(30);
 /// Observation window of a negative check.
 const QUIET: Duration = Duration::from_millis(400);
+/// How long a blipping fake agent stays away.
+const BLIP: Duration = Duration::from_millis(300);
 
 /// 5 hosts in batches of 2: [host-1, host-2], [host-3, host-4], [host-5].
 const SPEC_BATCH2: &str = r#"
@@ -52,6 +54,29 @@ labels = { role = "web" }
 batch_size = 2
 max_unavailable = 2
 max_failures = 1
+"#;
+
+/// As [`SPEC_BATCH2`] with a 3 s `healthy_deadline`: a host whose stream
+/// ends mid-activation gets a 1 s grace to reconnect.
+const SPEC_BATCH2_FAST: &str = r#"
+service = "web"
+release = "v2"
+
+[artifact]
+path = "web-v2.tar.gz"
+
+[run]
+exec = ["./bin/web", "--port", "8080"]
+
+[targets]
+labels = { role = "web" }
+
+[strategy]
+batch_size = 2
+max_unavailable = 2
+max_failures = 1
+healthy_deadline = "3s"
+min_healthy_time = "1s"
 "#;
 
 /// One canary host, then everyone (one host at a time), waiting for promote.
@@ -114,6 +139,12 @@ struct Sim {
     hold_activate: AtomicBool,
     /// The agent switches to the release, then its stream drops (killed mid-batch).
     die_on_activate: AtomicBool,
+    /// The stream drops when a Rollback arrives, before the agent acts on it
+    /// (the host is cut off during the fleet rollback).
+    die_on_rollback: AtomicBool,
+    /// The agent activates, its stream drops and it reconnects shortly after
+    /// (a network blip during its own activation); once.
+    blip_on_activate: AtomicBool,
     /// RSS the service reports once activated (0: none).
     rss_on_activate: AtomicU64,
     report: Mutex<pb::ServiceReport>,
@@ -203,7 +234,9 @@ impl Sim {
                     ))
                 } else {
                     self.activated(&a.release, &a.cause);
-                    if self.die_on_activate.load(Ordering::SeqCst) {
+                    if self.die_on_activate.load(Ordering::SeqCst)
+                        || self.blip_on_activate.load(Ordering::SeqCst)
+                    {
                         fleet.on_report(&self.name, self.report());
                         fleet.unregister(&self.name, self.session.load(Ordering::SeqCst));
                         return None;
@@ -241,6 +274,10 @@ impl Sim {
                         format!("{} is not in probation", c.release),
                     ))
                 }
+            }
+            Cmd::Rollback(_) if self.die_on_rollback.load(Ordering::SeqCst) => {
+                fleet.unregister(&self.name, self.session.load(Ordering::SeqCst));
+                return None;
             }
             Cmd::Rollback(rb) => {
                 self.with(|me, s| {
@@ -307,8 +344,19 @@ fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
                 sent.len()
             };
             let frozen = nth > log.answered.load(Ordering::SeqCst);
-            let dies = kind == "activate" && sim.die_on_activate.load(Ordering::SeqCst);
+            let dies = (kind == "activate" && sim.die_on_activate.load(Ordering::SeqCst))
+                || (kind == "rollback" && sim.die_on_rollback.load(Ordering::SeqCst));
+            let blips = kind == "activate" && sim.blip_on_activate.load(Ordering::SeqCst);
             let answer = sim.handle(&fleet, cmd);
+            if blips {
+                // Back a moment later, with a hello carrying its report.
+                sim.blip_on_activate.store(false, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    tokio::time::sleep(BLIP).await;
+                    connect(&fleet, &sim, &log);
+                });
+                return;
+            }
             if let Some((ok, failure, error)) = answer.filter(|_| !frozen) {
                 fleet.on_result(
                     &sim.name,
@@ -1428,8 +1476,9 @@ async fn agent_killed_mid_batch_is_unreachable_and_reconciled_on_return() {
         .store(true, Ordering::SeqCst);
     let engine = h.engine();
     engine.spawn_reconciler();
+    let started = Instant::now();
     let r = engine
-        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
         .expect("deploy");
     let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
     let p = &r.hosts[&host(3)];
@@ -1439,6 +1488,13 @@ async fn agent_killed_mid_batch_is_unreachable_and_reconciled_on_return() {
         "{}",
         h.dump(&r)
     );
+    // Not at once: after the reconnect grace (1 s of the 3 s healthy_deadline).
+    assert!(
+        p.reason.contains("did not reconnect within 1s"),
+        "{}",
+        h.dump(&r)
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
     for i in [1, 2, 4, 5] {
         assert_eq!(
             r.hosts[&host(i)].state,
@@ -1510,4 +1566,181 @@ async fn the_coordinator_fails_a_host_reporting_rss_over_the_ceiling() {
             h.dump(&r)
         );
     }
+}
+
+// ---- owed fleet rollbacks, reconnect grace ----
+
+/// host-1 (batch 0, committed) is cut off when the fleet rollback reaches it.
+async fn fleet_rollback_with_host_1_offline(h: &Harness, engine: &Arc<Engine>) -> Rollout {
+    for i in [3, 4] {
+        h.sim(&host(i)).fail_activate.store(true, Ordering::SeqCst);
+    }
+    h.sim(&host(1))
+        .die_on_rollback
+        .store(true, Ordering::SeqCst);
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::RolledBack).await;
+    let p = &r.hosts[&host(1)];
+    assert_eq!(p.state, HostState::RollbackOwed, "{}", h.dump(&r));
+    assert_eq!(r.owed_rollbacks(), vec![host(1)], "{}", h.dump(&r));
+    assert!(
+        r.message.contains("rollback still owed on host-1"),
+        "{}",
+        h.dump(&r)
+    );
+    assert_eq!(r.status().batches[0].hosts[0].state, "rollback_owed");
+    assert_eq!(r.hosts[&host(2)].state, HostState::RolledBack);
+    let events = h.store.events(&r.id).expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "rollback_owed" && e.host.as_deref() == Some("host-1")),
+        "{}",
+        h.dump(&r)
+    );
+    assert!(!events.iter().any(|e| e.kind == "rollback_complete"));
+    // Still on the new release, and the rollback did not reach it.
+    assert!(!h.fleet.connected(&host(1)));
+    assert_eq!(h.sim(&host(1)).snapshot().current_release, "v2");
+    h.sim(&host(1))
+        .die_on_rollback
+        .store(false, Ordering::SeqCst);
+    r
+}
+
+/// How many times the fake host's own history shows a rollback.
+fn rollbacks_done(h: &Harness, host: &str) -> usize {
+    h.sim(host)
+        .snapshot()
+        .recent
+        .iter()
+        .filter(|e| e.event == "rolled_back")
+        .count()
+}
+
+async fn assert_owed_rollback_settled(h: &Harness, id: &str) {
+    let r = h
+        .wait_until(id, "host-1 rolled back on reconnect", |r| {
+            r.hosts[&host(1)].state == HostState::RolledBack
+        })
+        .await;
+    assert_eq!(r.state, RolloutState::RolledBack);
+    assert!(r.owed_rollbacks().is_empty());
+    assert_eq!(h.sim(&host(1)).snapshot().current_release, "v1");
+    assert_eq!(rollbacks_done(h, &host(1)), 1, "{}", h.dump(&r));
+    assert!(
+        r.message.contains("fleet rollback complete") && !r.message.contains("still owed"),
+        "{}",
+        h.dump(&r)
+    );
+    let events = h.store.events(id).expect("events");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "rolled_back" && e.host.as_deref() == Some("host-1"))
+            .count(),
+        1,
+        "{}",
+        h.dump(&r)
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "rollback_complete")
+            .count(),
+        1
+    );
+    // Later reports of the host change nothing: rolled back exactly once.
+    let sent = h.count(&host(1), "rollback");
+    for _ in 0..3 {
+        h.set(&host(1), |_, _| {});
+    }
+    h.assert_quiet("reports after the owed rollback").await;
+    assert_eq!(h.count(&host(1), "rollback"), sent);
+    assert_eq!(rollbacks_done(h, &host(1)), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_offline_during_the_fleet_rollback_is_rolled_back_once_when_it_reconnects() {
+    let h = Harness::new(5).await;
+    let engine = h.engine();
+    engine.spawn_reconciler();
+    let r = fleet_rollback_with_host_1_offline(&h, &engine).await;
+    // Reports of other hosts do not settle it.
+    h.set(&host(2), |_, _| {});
+    h.assert_quiet("host-1 still offline").await;
+    assert_eq!(h.get(&r.id).hosts[&host(1)].state, HostState::RollbackOwed);
+    connect(&h.fleet, h.sim(&host(1)), &h.log);
+    assert_owed_rollback_settled(&h, &r.id).await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owed_rollback_survives_a_coordinator_restart() {
+    let mut h = Harness::new(5).await;
+    let engine = h.engine();
+    let r = fleet_rollback_with_host_1_offline(&h, &engine).await;
+    engine.shutdown().await;
+    // A new coordinator: the debt comes from the store alone.
+    h.fleet = Arc::new(Fleet::new(h.store.clone()));
+    let engine = h.engine();
+    engine.spawn_reconciler();
+    engine.resume_all().expect("resume");
+    assert_eq!(h.get(&r.id).owed_rollbacks(), vec![host(1)]);
+    for sim in h.sims.values() {
+        connect(&h.fleet, sim, &h.log);
+    }
+    assert_owed_rollback_settled(&h, &r.id).await;
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owed_host_already_back_on_its_own_is_recorded_without_a_command() {
+    let h = Harness::new(5).await;
+    let engine = h.engine();
+    engine.spawn_reconciler();
+    let r = fleet_rollback_with_host_1_offline(&h, &engine).await;
+    let sent = h.count(&host(1), "rollback");
+    // While away it went back by itself (commit deadline, an operator).
+    h.sim(&host(1)).with(|me, s| {
+        s.current_release = "v1".into();
+        s.last_known_good = "v1".into();
+        me.history(s, "v1", "rolled_back", "admin");
+    });
+    connect(&h.fleet, h.sim(&host(1)), &h.log);
+    let r = h
+        .wait_until(&r.id, "host-1 settled", |r| {
+            r.hosts[&host(1)].state == HostState::RolledBack
+        })
+        .await;
+    assert_eq!(h.count(&host(1), "rollback"), sent, "{}", h.dump(&r));
+    assert!(r.hosts[&host(1)].reason.contains("back on v1 by itself"));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_whose_stream_blips_during_its_activation_is_decided_from_its_report() {
+    let h = Harness::new(5).await;
+    h.sim(&host(3))
+        .blip_on_activate
+        .store(true, Ordering::SeqCst);
+    let engine = h.engine();
+    engine.spawn_reconciler();
+    let r = engine
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_eq!(r.failures(), 0, "{}", h.dump(&r));
+    assert_all_committed_once(&h, &r);
+    let events = h.store.events(&r.id).expect("events");
+    assert!(
+        events.iter().any(|e| e.kind == "probation"
+            && e.host.as_deref() == Some("host-3")
+            && e.message.contains("reconnected")),
+        "{}",
+        h.dump(&r)
+    );
+    engine.shutdown().await;
 }

@@ -1,6 +1,8 @@
 //! Pure rollout decisions: which hosts a spec targets, which hosts go in which
 //! batch, where to wait for `rollout promote`, how many failures the rollout
-//! tolerates, and whether a deadline has passed.
+//! tolerates, whether a deadline has passed, how long a host that dropped
+//! mid-activation may take to reconnect, and what an owed fleet rollback
+//! needs.
 //!
 //! Nothing here does I/O or reads a clock; callers pass the fleet and `now` in,
 //! so a restarted coordinator recomputes exactly the same plan from persisted
@@ -185,6 +187,54 @@ pub fn budget_exceeded(failures: usize, budget: usize) -> bool {
 pub fn deadline_passed(started_ms: i64, now_ms: i64, deadline: Duration) -> bool {
     let elapsed = i128::from(now_ms) - i128::from(started_ms);
     elapsed > 0 && elapsed.unsigned_abs() > deadline.as_millis()
+}
+
+/// Longest a host whose stream ended during its own activation is waited for
+/// to reconnect (see [`activation_reconnect_by`]).
+pub const MAX_RECONNECT_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a host whose stream ended while its Activate was in flight is
+/// given to reconnect before it counts as unreachable: a third of the
+/// release's `healthy_deadline`, at most [`MAX_RECONNECT_GRACE`].
+pub fn reconnect_grace(healthy_deadline: Duration) -> Duration {
+    (healthy_deadline / 3).min(MAX_RECONNECT_GRACE)
+}
+
+/// Until when (unix ms) a host whose stream ended at `dropped_ms`, while the
+/// Activate sent at `sent_ms` was in flight, may reconnect: the
+/// [`reconnect_grace`] after the drop, but never past the activation's own
+/// `healthy_deadline`, so a frozen host is still declared unreachable within
+/// it.
+pub fn activation_reconnect_by(sent_ms: i64, dropped_ms: i64, healthy_deadline: Duration) -> i64 {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    dropped_ms
+        .saturating_add(ms(reconnect_grace(healthy_deadline)))
+        .min(sent_ms.saturating_add(ms(healthy_deadline)))
+}
+
+/// What to do about a host whose fleet rollback is still owed, from its
+/// latest report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwedRollback {
+    /// The host is in the middle of an operation: a later report settles it.
+    Wait,
+    /// The host no longer runs the rollout's release: nothing to send.
+    Settled,
+    /// The host runs the rollout's release: send the rollback.
+    Send,
+}
+
+/// The rule for an owed rollback: `busy` when the host reports its service
+/// activating, verifying or rolling back; `on_release` when it reports the
+/// rollout's release as current.
+pub fn owed_rollback(busy: bool, on_release: bool) -> OwedRollback {
+    if busy {
+        OwedRollback::Wait
+    } else if on_release {
+        OwedRollback::Send
+    } else {
+        OwedRollback::Settled
+    }
 }
 
 /// Host index ranges of each stage, before the `max_unavailable` split; never
@@ -485,6 +535,40 @@ mod tests {
         assert!(deadline_passed(0, 1, Duration::ZERO));
         assert!(!deadline_passed(i64::MIN, i64::MAX, Duration::MAX));
         assert!(deadline_passed(i64::MIN, i64::MAX, hour), "no overflow");
+    }
+
+    #[test]
+    fn the_reconnect_grace_is_bounded_by_the_activation_deadline() {
+        let secs = Duration::from_secs;
+        assert_eq!(reconnect_grace(secs(9)), secs(3));
+        assert_eq!(reconnect_grace(secs(300)), MAX_RECONNECT_GRACE);
+        let sent = 1_700_000_000_000;
+        // Dropped early: a third of healthy_deadline after the drop.
+        assert_eq!(
+            activation_reconnect_by(sent, sent + 1_000, secs(9)),
+            sent + 4_000
+        );
+        // Dropped late: never past the activation's own healthy_deadline.
+        assert_eq!(
+            activation_reconnect_by(sent, sent + 8_000, secs(9)),
+            sent + 9_000
+        );
+        assert_eq!(
+            activation_reconnect_by(sent, sent + 1_000, secs(300)),
+            sent + 11_000
+        );
+        assert_eq!(
+            activation_reconnect_by(i64::MAX - 1, i64::MAX - 1, secs(9)),
+            i64::MAX
+        );
+    }
+
+    #[test]
+    fn an_owed_rollback_is_sent_only_to_a_settled_host_on_the_release() {
+        assert_eq!(owed_rollback(true, true), OwedRollback::Wait);
+        assert_eq!(owed_rollback(true, false), OwedRollback::Wait);
+        assert_eq!(owed_rollback(false, true), OwedRollback::Send);
+        assert_eq!(owed_rollback(false, false), OwedRollback::Settled);
     }
 
     fn fleet(entries: &[(&str, &[(&str, &str)])]) -> Vec<(String, BTreeMap<String, String>)> {
