@@ -122,7 +122,7 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
         ),
     );
     // The coordinator holds one socket per connection; it inherits this limit.
-    raise_nofile(2 * n as u64 + 1024)?;
+    raise_nofile(n as u64 + 1024)?;
     let coord = CoordinatorProc::start().await?;
     let cfg_path = coord.dir.path().join("coordinator.toml");
     let pid = util::find_pid(&cfg_path.display().to_string())

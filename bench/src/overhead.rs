@@ -142,7 +142,7 @@ async fn one_size(
     bakes: &[Duration],
     swarm_restart: Duration,
 ) -> Result<()> {
-    raise_nofile(3 * n as u64 + 1024)?;
+    raise_nofile(n as u64 + 1024)?;
     let coord = CoordinatorProc::start().await?;
     let cfg_path = coord.dir.path().join("coordinator.toml");
     let pid = util::find_pid(&cfg_path.display().to_string())
