@@ -318,9 +318,11 @@ fn activations(doc: &serde_json::Value, id: &str) -> usize {
 /// second batch verifies. Each host of that batch passes verification,
 /// waits in probation for a commit that cannot come, and returns to its last
 /// known good release within `commit_deadline`; the coordinator notices the
-/// loss by keepalive, fails the hosts as unreachable, halts past its budget
-/// (no auto rollback: the first batch stays committed), and on heal records
-/// where each host really is.
+/// loss by keepalive, gives the hosts their reconnect grace, fails them as
+/// unreachable and halts past its budget. Its fleet rollback cannot reach the
+/// first batch (cut off too): the rollout ends `rolled_back` with their
+/// rollbacks owed, and on heal it rolls each of them back and records where
+/// every host really is: the whole fleet ends on v1.
 #[test]
 fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() -> Result<()> {
     let t0 = Instant::now();
@@ -337,7 +339,7 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
             ("batch_size", "2"),
             ("max_unavailable", "2"),
             ("max_failures", "1"),
-            ("auto_rollback", "false"),
+            ("auto_rollback", "true"),
             ("min_healthy_time", "\"4s\""),
             ("healthy_deadline", "\"15s\""),
             ("commit_deadline", "\"4s\""),
@@ -356,12 +358,13 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
     let cut = Instant::now();
     // Watch both sides at once: no host stays on the unverified release (each
     // rolls back by itself), and the coordinator, noticing the loss by
-    // keepalive, halts past its budget.
+    // keepalive, halts past its budget and rolls back what it can reach
+    // (nothing).
     let mut back: [Option<Duration>; 2] = [None, None];
     let mut alone: [Option<Duration>; 2] = [None, None];
     let mut halted = None;
     poll(
-        "h3 and h4 back on v1 and the rollout failed",
+        "h3 and h4 back on v1 and the rollout rolled back",
         Duration::from_secs(40),
         || {
             for (i, h) in ["h3", "h4"].iter().enumerate() {
@@ -378,7 +381,7 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
                     alone[i] = Some(cut.elapsed());
                 }
             }
-            if halted.is_none() && f.status(&id).is_ok_and(|s| s["state"] == "failed") {
+            if halted.is_none() && f.status(&id).is_ok_and(|s| s["state"] == "rolled_back") {
                 halted = Some(cut.elapsed());
             }
             (back.iter().chain(&alone).all(Option::is_some) && halted.is_some()).then_some(())
@@ -431,8 +434,8 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
             "{h} noticed the lost coordinator only {t:?} after the cut"
         );
     }
-    // Within the keepalive (3 s) and the time to halt, far inside the
-    // batch's healthy_deadline.
+    // Within the keepalive (3 s), the reconnect grace (a third of the
+    // 15 s healthy_deadline) and the time to halt.
     assert!(
         halted <= Duration::from_secs(15),
         "the coordinator took {halted:?} to give up on the cut-off batch"
@@ -443,11 +446,20 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
         let p = f.host_progress(&id, h)?;
         assert_eq!(p["failure"], "unreachable", "{h}: {p}");
     }
+    // The fleet rollback could not reach the first batch: owed, and said so.
+    let s = f.status(&id)?;
     for h in ["h1", "h2"] {
         let p = f.host_progress(&id, h)?;
-        assert_eq!(p["state"], "committed", "{h}: {p}");
+        assert_eq!(p["state"], "rollback_owed", "{h}: {p}");
     }
-    // Heal: the hosts come back and the coordinator records where they are.
+    assert!(
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rollback still owed on h1,h2")),
+        "{s}"
+    );
+    // Heal: the hosts come back; the coordinator rolls back the first batch
+    // and records where the others are.
     f.heal(COORDINATOR)?;
     f.wait_connected(&f.hosts())?;
     for h in ["h3", "h4"] {
@@ -466,6 +478,23 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
             "the reconciliation of {h} does not quote its rollback: {p}"
         );
     }
+    for h in ["h1", "h2"] {
+        poll(
+            &format!("{h}'s owed rollback done"),
+            Duration::from_secs(40),
+            || {
+                let p = f.host_progress(&id, h).ok()?;
+                (p["state"] == "rolled_back").then_some(())
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{:?}\n{}",
+                f.host_progress(&id, h).ok(),
+                f.logs(COORDINATOR)
+            )
+        })?;
+    }
     let events = f.events_contiguous(&id)?;
     for h in ["h3", "h4"] {
         assert!(
@@ -475,18 +504,45 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
             "no reconciliation of {h}: {events:?}"
         );
     }
+    for h in ["h1", "h2"] {
+        for kind in ["rollback_owed", "rolled_back"] {
+            assert_eq!(
+                events
+                    .iter()
+                    .filter(|e| e["kind"] == kind && e["host"] == h)
+                    .count(),
+                1,
+                "{h}: one {kind}: {events:?}"
+            );
+        }
+    }
+    assert!(
+        events.iter().any(|e| e["kind"] == "rollback_complete"),
+        "{events:?}"
+    );
     let s = f.status(&id)?;
-    assert_eq!(s["state"], "failed", "{s}");
+    assert_eq!(s["state"], "rolled_back", "{s}");
     assert_eq!(s["failures"], 2, "{s}");
-    f.wait_serving(&["h1", "h2"], "v2")?;
-    f.wait_serving(&["h3", "h4"], "v1")?;
+    assert!(
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fleet rollback complete")),
+        "{s}"
+    );
+    for h in ["h1", "h2"] {
+        wait_idle_on(&f, h, "v1", Duration::from_secs(30))?;
+    }
+    f.wait_serving(
+        &f.hosts().iter().map(String::as_str).collect::<Vec<_>>(),
+        "v1",
+    )?;
     let hist = f.check_histories("web", &[&v1, &id])?;
     for (h, doc) in &hist {
         assert_eq!(activations(doc, &id), 1, "{h}: {doc:#}");
     }
     eprintln!(
         "coordinator partition: agents disconnected {alone:?}, hosts back on v1 {back:?} after \
-         the cut, rollout failed {halted:?} after it; total {:?}",
+         the cut, rollout rolled back {halted:?} after it; total {:?}",
         t0.elapsed()
     );
     Ok(())
