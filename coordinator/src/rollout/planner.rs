@@ -194,10 +194,10 @@ pub fn deadline_passed(started_ms: i64, now_ms: i64, deadline: Duration) -> bool
 pub const MAX_RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a host whose stream ended while its Activate was in flight is
-/// given to reconnect before it counts as unreachable: a third of the
+/// given to reconnect before it counts as unreachable: half the
 /// release's `healthy_deadline`, at most [`MAX_RECONNECT_GRACE`].
 pub fn reconnect_grace(healthy_deadline: Duration) -> Duration {
-    (healthy_deadline / 3).min(MAX_RECONNECT_GRACE)
+    (healthy_deadline / 2).min(MAX_RECONNECT_GRACE)
 }
 
 /// Until when (unix ms) a host whose stream ended at `dropped_ms`, while the
@@ -540,13 +540,13 @@ mod tests {
     #[test]
     fn the_reconnect_grace_is_bounded_by_the_activation_deadline() {
         let secs = Duration::from_secs;
-        assert_eq!(reconnect_grace(secs(9)), secs(3));
+        assert_eq!(reconnect_grace(secs(9)), Duration::from_millis(4_500));
         assert_eq!(reconnect_grace(secs(300)), MAX_RECONNECT_GRACE);
         let sent = 1_700_000_000_000;
-        // Dropped early: a third of healthy_deadline after the drop.
+        // Dropped early: half the healthy_deadline after the drop.
         assert_eq!(
             activation_reconnect_by(sent, sent + 1_000, secs(9)),
-            sent + 4_000
+            sent + 5_500
         );
         // Dropped late: never past the activation's own healthy_deadline.
         assert_eq!(
