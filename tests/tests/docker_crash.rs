@@ -122,6 +122,13 @@ impl Rig for DockerRig {
         self.f.start_agent(host)
     }
 
+    fn kill9_agent(&mut self, host: &str) -> Result<()> {
+        self.f.kill9_agent(host)?;
+        poll(&format!("{host}'s agent to die"), WAIT, || {
+            (!self.f.agent_running(host)).then_some(())
+        })
+    }
+
     fn wait_agent_exit(&mut self, host: &str) -> Result<()> {
         poll(&format!("{host}'s agent to exit"), WAIT, || {
             (!self.f.agent_running(host)).then_some(())

@@ -97,6 +97,12 @@ impl Rig for LoopbackRig {
             .block_on(self.c.agents[i].restart(crash_at.map(str::to_string)))
     }
 
+    fn kill9_agent(&mut self, host: &str) -> Result<()> {
+        let i = self.index(host)?;
+        self.c.agents[i].kill9();
+        Ok(())
+    }
+
     fn wait_agent_exit(&mut self, host: &str) -> Result<()> {
         let i = self.index(host)?;
         self.rt.block_on(self.c.agents[i].wait_exit())

@@ -78,6 +78,8 @@ pub trait Rig {
     /// Starts the agent of `host` again (killing it first if it runs) with
     /// `[testing] crash_at` set to `crash_at` (or unset); waits for its socket.
     fn restart_agent(&mut self, host: &str, crash_at: Option<&str>) -> Result<()>;
+    /// SIGKILL of the agent of `host` (its services run on).
+    fn kill9_agent(&mut self, host: &str) -> Result<()>;
     /// Waits until the agent of `host` has exited by itself.
     fn wait_agent_exit(&mut self, host: &str) -> Result<()>;
     /// The agent's log.
@@ -594,6 +596,9 @@ enum Recipe {
     Canary,
     /// Canary h1, waits for promote, aborted: h1 rolled back, h2 untouched.
     Abort,
+    /// As `Abort`, with h1's agent down at the abort: its rollback is owed
+    /// and sent when it returns.
+    Owed,
 }
 
 fn recipe(point: &str) -> Result<Recipe> {
@@ -605,6 +610,7 @@ fn recipe(point: &str) -> Result<Recipe> {
         }
         "waiting_promote" | "promoted" | "paused" | "resumed" => Recipe::Canary,
         "aborted" => Recipe::Abort,
+        "host_rollback_owed" | "rollback_complete" => Recipe::Owed,
         p => bail!("no recipe reaches coordinator crash point {p}"),
     })
 }
@@ -654,6 +660,12 @@ fn coordinator_crash_point(
     let hosts = rig.hosts();
     let recipe = recipe(point)?;
     rig.restart_coordinator(Some(point))?;
+    ensure!(
+        !rig.coordinator_log().contains("crash_at is ignored"),
+        "the coordinator binary was built without its crash points (e.g. by `cargo build -p \
+         rollout-coordinator`); build it with `cargo build --workspace`, which enables the \
+         `crash-points` feature through the tests crate"
+    );
     wait_connected(rig)?;
     let mut strategy = vec![("batch_size", "1"), ("max_unavailable", "1")];
     let mut argv: Vec<&str> = Vec::new();
@@ -663,7 +675,7 @@ fn coordinator_crash_point(
             argv = vec!["--healthy", "${CANARY_HEALTHY}"];
             strategy.push(("healthy_deadline", "\"2s\""));
         }
-        Recipe::Canary | Recipe::Abort => {
+        Recipe::Canary | Recipe::Abort | Recipe::Owed => {
             strategy = vec![
                 ("canary", "[1, \"100%\"]"),
                 ("pause_after_canary", "true"),
@@ -688,6 +700,25 @@ fn coordinator_crash_point(
         deployed.is_ok() || point == "created",
         "deploy failed before the crash point: {deployed:?}"
     );
+    if let Ok(id) = &deployed
+        && recipe == Recipe::Owed
+    {
+        wait_state(rig, id, "waiting_promote")?;
+        rig.kill9_agent(&hosts[0])?;
+        poll(&format!("{} disconnected", hosts[0]), WAIT, || {
+            let v = rig.json(&["hosts"]).ok()?;
+            v.as_array()?
+                .iter()
+                .any(|h| h["host"] == hosts[0].as_str() && h["connected"] == false)
+                .then_some(())
+        })?;
+        let _ = rig.cli(&["abort", id]);
+        if point == "rollback_complete" {
+            // Owed until h1 returns; then the rollback is sent and settled.
+            wait_state(rig, id, "aborted")?;
+            rig.restart_agent(&hosts[0], None)?;
+        }
+    }
     if let Ok(id) = &deployed
         && matches!(recipe, Recipe::Canary | Recipe::Abort)
         && point != "waiting_promote"
@@ -719,6 +750,9 @@ fn coordinator_crash_point(
     );
     // Started again without the crash point, it resumes the rollout.
     rig.restart_coordinator(None)?;
+    if point == "host_rollback_owed" {
+        rig.restart_agent(&hosts[0], None)?;
+    }
     let id = rollout_of(rig, "web", rel)?;
     if let Ok(d) = &deployed {
         ensure!(*d == id, "deploy said {d}, the list says {id}");
@@ -739,7 +773,7 @@ fn coordinator_crash_point(
     let (end, on) = match recipe {
         Recipe::Success | Recipe::Canary => ("succeeded", [rel, rel]),
         Recipe::Failing => ("rolled_back", [prev, prev]),
-        Recipe::Abort => ("aborted", [prev, prev]),
+        Recipe::Abort | Recipe::Owed => ("aborted", [prev, prev]),
     };
     wait_state(rig, &id, end)?;
     for (h, release) in hosts.iter().zip(on) {
@@ -748,7 +782,7 @@ fn coordinator_crash_point(
     // Each host activated exactly once for the rollout (by its own
     // history), none skipped; after an abort the second host never was.
     for (i, h) in hosts.iter().enumerate() {
-        let want = if recipe == Recipe::Abort && i == 1 {
+        let want = if matches!(recipe, Recipe::Abort | Recipe::Owed) && i == 1 {
             0
         } else {
             1
@@ -759,12 +793,16 @@ fn coordinator_crash_point(
             "{h} activated {rel} {n} times for {id}, want {want}: {:?}",
             history(rig, h, "web")?
         );
+        if recipe == Recipe::Owed {
+            continue;
+        }
         let p = host_progress(rig, &id, h)?;
         let want_state = match (recipe, i) {
             (Recipe::Success | Recipe::Canary, _) => "committed",
             (Recipe::Failing, 0) | (Recipe::Abort, 0) => "rolled_back",
             (Recipe::Failing, _) => "failed",
             (Recipe::Abort, _) => "staged",
+            (Recipe::Owed, _) => unreachable!("skipped above"),
         };
         ensure!(p["state"] == want_state, "{h} in {id}: {p}");
     }
