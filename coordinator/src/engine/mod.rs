@@ -10,6 +10,14 @@
 //! it is never activated twice nor skipped. A resumed rollout first waits (up
 //! to [`RESUME_GRACE`]) for its hosts to reconnect, so that none counts as
 //! unreachable only for reconnecting later than the coordinator started.
+//!
+//! A host whose stream ends while its Activate is in flight gets a bounded
+//! grace to reconnect ([`planner::activation_reconnect_by`]), then is decided
+//! from its report like a host found `activating` after a restart; one that
+//! does not return in time is unreachable. A host the fleet rollback cannot
+//! reach is persisted as `rollback_owed`; the reconciler rolls it back when it
+//! is connected again (or records that it went back by itself), and the
+//! rollout's message names the hosts still owed until none is.
 
 pub mod model;
 
