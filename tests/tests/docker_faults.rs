@@ -772,6 +772,12 @@ fn flapping_network_during_a_ten_host_rollout_converges_without_duplicate_activa
         })
         .with_context(|| format!("{:?}", f.host_progress(&first, h).ok()))?;
     }
+    for (h, p) in &lost {
+        eprintln!(
+            "lost in the first attempt: {h}: {} ({})",
+            p["failure"], p["reason"]
+        );
+    }
     let lost: Vec<&str> = lost.iter().map(|(h, _)| h.as_str()).collect();
     for h in &hosts {
         poll(&format!("{h} idle"), Duration::from_secs(30), || {
