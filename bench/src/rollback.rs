@@ -51,7 +51,8 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
             format!("fleet-level over {n} agents, batches of 10 %, max_failures 0")
         },
     );
-    let (mut restart, mut host, mut fleet) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut restart, mut host, mut fleet, mut updated) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..ctx.runs {
         note(format!("rollback run {}/{}: host-level", i + 1, ctx.runs));
         let (r, h) = host_level(ctx).await?;
@@ -66,9 +67,24 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
                 i + 1,
                 ctx.runs
             ));
-            let f = fleet_level(ctx, n).await?;
-            note(format!("fleet-level rollback {f:.0} ms"));
-            fleet.push(f);
+            // A run the loaded machine breaks is reported, not fatal.
+            match fleet_level(ctx, n).await {
+                Ok((f, u)) => {
+                    note(format!(
+                        "fleet-level rollback {f:.0} ms ({u} hosts on v2 at the halt)"
+                    ));
+                    fleet.push(f);
+                    updated.push(u as f64);
+                }
+                Err(e) => {
+                    note(format!("fleet-level run {} failed: {e:#}", i + 1));
+                    block.notes.push(format!(
+                        "fleet-level run {} failed and is not counted: {}",
+                        i + 1,
+                        e.to_string().lines().next().unwrap_or_default()
+                    ));
+                }
+            }
         }
     }
     block.finish();
@@ -87,6 +103,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
         block.figures.push(Figure::plain(
             format!("fleet-level, {n} agents: budget exceeded → all on the old release (ms)"),
             fleet,
+        ));
+        block.figures.push(Figure::plain(
+            "hosts committed on the new release when the budget was exceeded",
+            updated,
         ));
     }
     block.notes.push(
@@ -230,7 +250,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The fleet-level run: returns milliseconds from `halted` to all on v1.
-async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
+async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
     let coord = CoordinatorProc::start().await?;
     let work = tempfile::tempdir()?;
     let batch = n.div_ceil(10);
@@ -273,7 +293,7 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
     .await?;
     let sample = ctx.bin("sample-service")?;
     let strategy = format!(
-        "batch_size = {batch}\nmax_unavailable = {batch}\nmax_failures = 0\nmin_healthy_time = \"300ms\"\nhealthy_deadline = \"5s\"\ncommit_deadline = \"10m\"\n"
+        "batch_size = {batch}\nmax_unavailable = {batch}\nmax_failures = 0\nmin_healthy_time = \"300ms\"\nhealthy_deadline = \"20s\"\ncommit_deadline = \"10m\"\n"
     );
     let spec = |release: &str, conf: &[&str], extra: &[&str]| -> Result<std::path::PathBuf> {
         let art = util::write_sample_artifact(work.path(), release, conf)?;
@@ -372,6 +392,11 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
         .find(|(_, _, k)| k == "halted")
         .map(|(t, _, _)| *t)
         .context("no halted event")?;
+    let halted_ms = halted;
+    let committed = ev
+        .iter()
+        .filter(|(t, _, k)| k == "committed" && *t <= halted_ms)
+        .count();
     let last_back = back
         .values()
         .copied()
@@ -385,5 +410,5 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<f64> {
         ));
     }
     drop(agents);
-    Ok((last_back - halted) as f64)
+    Ok(((last_back - halted) as f64, committed))
 }
