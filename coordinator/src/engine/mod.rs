@@ -125,8 +125,12 @@ pub struct Engine {
     /// and reported (release, phase) it was sent for, so a refused one is
     /// retried once the host reconnects or its situation changes, not on
     /// every report.
-    owed_sent: Mutex<HashMap<(String, String), (u64, String, i32)>>,
+    owed_sent: Mutex<HashMap<(String, String), OwedSent>>,
 }
+
+/// What an owed rollback was sent for: the host's session and its reported
+/// (release, phase) at the time.
+type OwedSent = (u64, String, i32);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
