@@ -321,7 +321,16 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
     )
     .await?;
     if st != "succeeded" {
-        bail!("v1 rollout ended {st}");
+        let why: Vec<String> = coord
+            .json(&["events", &id])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["kind"] == "host_failed" || e["kind"] == "halted")
+            .map(|e| format!("{} {}", e["host"], e["message"]))
+            .collect();
+        bail!("v1 rollout ended {st}: {}", why.join("; "));
     }
     for p in &ports {
         util::poll(
