@@ -15,6 +15,8 @@
 //! `healthy` (default `true`; `false` makes `/health` answer 500), `alloc_mb`
 //! (allocate and touch this many MiB at start), `burn_cpu_percent` (busy this
 //! share of one core), `exit_after_ms` (exit 1 after this long, a crash),
+//! `unhealthy_after_ms` (`/health` answers 500 once this long has passed since
+//! start: a release that passes its checks, then goes bad),
 //! `bind_fail` (`true`: exit 2 at once, as if the port were taken).
 //!
 //! Endpoints: `GET /` → `version=<v>\n` (plus `host=<SAMPLE_HOST>\n` when that
@@ -42,6 +44,7 @@ const KEYS: &[&str] = &[
     "alloc_mb",
     "burn_cpu_percent",
     "exit_after_ms",
+    "unhealthy_after_ms",
     "bind_fail",
 ];
 /// Exit code for a configuration the service cannot run with.
@@ -68,6 +71,8 @@ struct Config {
     burn_cpu_percent: u32,
     /// Exit 1 after this long, to simulate a crash.
     exit_after: Option<Duration>,
+    /// `/health` fails once this long has passed since start.
+    unhealthy_after: Option<Duration>,
     /// Exit 2 at once, to simulate a port already in use.
     bind_fail: bool,
 }
@@ -113,14 +118,16 @@ fn run(config: Config, host: Option<String>) -> ExitCode {
         |a| a.to_string(),
     );
     eprintln!(
-        "sample-service version={} pid={} listening on {addr} healthy={} alloc_mb={} burn_cpu_percent={} exit_after_ms={}",
+        "sample-service version={} pid={} listening on {addr} healthy={} alloc_mb={} burn_cpu_percent={} exit_after_ms={} unhealthy_after_ms={}",
         config.version,
         std::process::id(),
         config.healthy,
         config.alloc_mb,
         config.burn_cpu_percent,
         config.exit_after.map_or(0, |d| d.as_millis()),
+        config.unhealthy_after.map_or(0, |d| d.as_millis()),
     );
+    let started = Instant::now();
 
     // Held until the process exits; `black_box` keeps the touched pages from being
     // optimised away.
@@ -146,7 +153,7 @@ fn run(config: Config, host: Option<String>) -> ExitCode {
                 std::thread::spawn(move || {
                     let (config, host) = &*state;
                     // A client that vanishes mid-request is its own problem.
-                    let _ = serve(stream, config, host.as_deref());
+                    let _ = serve(stream, config, host.as_deref(), started.elapsed());
                 });
             }
             Err(e) => eprintln!("sample-service: accept: {e}"),
@@ -177,8 +184,14 @@ fn burn_cpu(percent: u32) {
     }
 }
 
-/// Reads one request and answers it, then closes the connection.
-fn serve(stream: TcpStream, config: &Config, host: Option<&str>) -> std::io::Result<()> {
+/// Reads one request and answers it, then closes the connection; `uptime`
+/// is how long the service has been listening.
+fn serve(
+    stream: TcpStream,
+    config: &Config,
+    host: Option<&str>,
+    uptime: Duration,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
@@ -194,7 +207,7 @@ fn serve(stream: TcpStream, config: &Config, host: Option<&str>) -> std::io::Res
         }
     }
     let (status, body) = match parse_request_line(&request_line) {
-        Some((method, path)) => respond(config, host, method, path),
+        Some((method, path)) => respond(config, host, method, path, uptime),
         None => (400, "bad request\n".to_owned()),
     };
     let mut out = stream;
@@ -220,8 +233,14 @@ fn parse_request_line(line: &str) -> Option<(&str, &str)> {
     Some((method, path))
 }
 
-/// Status and body for a request.
-fn respond(config: &Config, host: Option<&str>, method: &str, path: &str) -> (u16, String) {
+/// Status and body for a request, `uptime` after start.
+fn respond(
+    config: &Config,
+    host: Option<&str>,
+    method: &str,
+    path: &str,
+    uptime: Duration,
+) -> (u16, String) {
     if method != "GET" {
         return (405, "method not allowed\n".to_owned());
     }
@@ -233,7 +252,9 @@ fn respond(config: &Config, host: Option<&str>, method: &str, path: &str) -> (u1
             }
             (200, body)
         }
-        "/health" if config.healthy => (200, "ok".to_owned()),
+        "/health" if config.healthy && config.unhealthy_after.is_none_or(|d| uptime < d) => {
+            (200, "ok".to_owned())
+        }
         "/health" => (500, "unhealthy".to_owned()),
         "/version" => (200, format!("{}\n", config.version)),
         _ => (404, "not found\n".to_owned()),
@@ -317,6 +338,7 @@ fn resolve(conf: &str, env_port: Option<String>, args: &[String]) -> Result<Conf
     let get = |k: &str| values.get(k).map(String::as_str);
     let port = get("port").ok_or("port is required: set port= in service.conf, PORT, or --port")?;
     let exit_after_ms: u64 = number(get("exit_after_ms"), "exit_after_ms")?;
+    let unhealthy_after_ms: u64 = number(get("unhealthy_after_ms"), "unhealthy_after_ms")?;
     let burn_cpu_percent: u32 = number(get("burn_cpu_percent"), "burn_cpu_percent")?;
     if burn_cpu_percent > 100 {
         return Err(format!(
@@ -338,6 +360,8 @@ fn resolve(conf: &str, env_port: Option<String>, args: &[String]) -> Result<Conf
         alloc_mb: number(get("alloc_mb"), "alloc_mb")?,
         burn_cpu_percent,
         exit_after: (exit_after_ms > 0).then(|| Duration::from_millis(exit_after_ms)),
+        unhealthy_after: (unhealthy_after_ms > 0)
+            .then(|| Duration::from_millis(unhealthy_after_ms)),
         bind_fail: boolean(get("bind_fail"), "bind_fail", false)?,
     })
 }
@@ -371,7 +395,7 @@ mod tests {
     #[test]
     fn conf_file_sets_every_key() {
         let conf = "# a bad release\nport=8080\nversion = v2\n\nhealthy=false\nalloc_mb=64\n\
-                    burn_cpu_percent=50\nexit_after_ms=1500\nbind_fail=true\nbind=0.0.0.0\n";
+                    burn_cpu_percent=50\nexit_after_ms=1500\nunhealthy_after_ms=700\nbind_fail=true\nbind=0.0.0.0\n";
         let c = resolve(conf, None, &[]).expect("valid");
         assert_eq!(
             c,
@@ -383,6 +407,7 @@ mod tests {
                 alloc_mb: 64,
                 burn_cpu_percent: 50,
                 exit_after: Some(Duration::from_millis(1500)),
+                unhealthy_after: Some(Duration::from_millis(700)),
                 bind_fail: true,
             }
         );
@@ -435,20 +460,33 @@ mod tests {
     #[test]
     fn endpoints_report_version_and_health() {
         let mut c = resolve("port=1\nversion=v3", None, &[]).expect("valid");
-        assert_eq!(respond(&c, None, "GET", "/"), (200, "version=v3\n".into()));
         assert_eq!(
-            respond(&c, Some("web-1"), "GET", "/"),
+            respond(&c, None, "GET", "/", Duration::ZERO),
+            (200, "version=v3\n".into())
+        );
+        assert_eq!(
+            respond(&c, Some("web-1"), "GET", "/", Duration::ZERO),
             (200, "version=v3\nhost=web-1\n".into())
         );
-        assert_eq!(respond(&c, None, "GET", "/version"), (200, "v3\n".into()));
-        assert_eq!(respond(&c, None, "GET", "/health"), (200, "ok".into()));
+        assert_eq!(
+            respond(&c, None, "GET", "/version", Duration::ZERO),
+            (200, "v3\n".into())
+        );
+        assert_eq!(
+            respond(&c, None, "GET", "/health", Duration::ZERO),
+            (200, "ok".into())
+        );
         c.healthy = false;
         assert_eq!(
-            respond(&c, None, "GET", "/health"),
+            respond(&c, None, "GET", "/health", Duration::ZERO),
             (500, "unhealthy".into())
         );
-        assert_eq!(respond(&c, None, "GET", "/nope").0, 404);
-        assert_eq!(respond(&c, None, "POST", "/").0, 405);
+        c.healthy = true;
+        c.unhealthy_after = Some(Duration::from_millis(700));
+        let health_at = |ms| respond(&c, None, "GET", "/health", Duration::from_millis(ms)).0;
+        assert_eq!((health_at(699), health_at(700)), (200, 500));
+        assert_eq!(respond(&c, None, "GET", "/nope", Duration::ZERO).0, 404);
+        assert_eq!(respond(&c, None, "POST", "/", Duration::ZERO).0, 405);
     }
 
     #[test]
@@ -469,7 +507,7 @@ mod tests {
         let config = resolve("port=0\nversion=v7", None, &[]).expect("valid");
         let server = std::thread::spawn(move || {
             let (stream, _) = listener.accept().expect("accept");
-            serve(stream, &config, None).expect("serve");
+            serve(stream, &config, None, Duration::ZERO).expect("serve");
         });
         let mut client = TcpStream::connect(addr).expect("connect");
         client
