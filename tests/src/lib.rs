@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod coordinator;
 pub mod docker;
 pub mod join_harness;
+pub mod proxy;
 pub mod tls_cluster;
 pub mod vm;
 
