@@ -926,3 +926,102 @@ pub fn rolling_restarts_with_three_rollouts(
     );
     Ok(())
 }
+
+/// Implements [`Rig`] (imported at the call site) for a loopback rig: a struct with a tokio runtime `rt`,
+/// a `rollout_tests::cluster::Cluster` `c` and an
+/// `agent_json(&self, host, args) -> Result<Value>` method. Both loopback
+/// test files use it; only how they call the agent's admin socket differs.
+#[allow(unused_macros)]
+macro_rules! loopback_rig {
+    ($rig:ty) => {
+        impl Rig for $rig {
+            fn hosts(&self) -> Vec<String> {
+                self.c.agents.iter().map(|a| a.opts.host.clone()).collect()
+            }
+
+            fn cli(&self, args: &[&str]) -> Result<(bool, String, String)> {
+                let out = self.c.coord.cli(args);
+                Ok((
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ))
+            }
+
+            fn work_dir(&self) -> PathBuf {
+                self.c.work.path().to_path_buf()
+            }
+
+            fn cli_path(&self, file: &str) -> String {
+                self.c.work.path().join(file).display().to_string()
+            }
+
+            fn sample_service(&self) -> String {
+                bin("sample-service").display().to_string()
+            }
+
+            fn agent_status(&self, host: &str) -> Result<Value> {
+                self.agent_json(host, &["status"])
+            }
+
+            fn agent_releases(&self, host: &str, service: &str) -> Result<Value> {
+                self.agent_json(host, &["releases", service])
+            }
+
+            fn restart_agent(&mut self, host: &str, crash_at: Option<&str>) -> Result<()> {
+                let i = self.index(host)?;
+                self.rt
+                    .block_on(self.c.agents[i].restart(crash_at.map(str::to_string)))
+            }
+
+            fn kill9_agent(&mut self, host: &str) -> Result<()> {
+                let i = self.index(host)?;
+                self.c.agents[i].kill9();
+                Ok(())
+            }
+
+            fn wait_agent_exit(&mut self, host: &str) -> Result<()> {
+                let i = self.index(host)?;
+                self.rt.block_on(self.c.agents[i].wait_exit())
+            }
+
+            fn agent_log(&self, host: &str) -> String {
+                self.index(host)
+                    .map(|i| self.c.agents[i].log())
+                    .unwrap_or_default()
+            }
+
+            fn restart_coordinator(&mut self, crash_at: Option<&str>) -> Result<()> {
+                let extra = crash_at
+                    .map(|p| format!("[testing]\ncrash_at = {p:?}"))
+                    .unwrap_or_default();
+                self.c.coord.set_extra(&extra);
+                self.rt.block_on(self.c.coord.restart())
+            }
+
+            fn kill9_coordinator(&mut self) -> Result<()> {
+                self.c.coord.kill9();
+                Ok(())
+            }
+
+            fn stop_coordinator(&mut self) -> Result<()> {
+                let st = self
+                    .rt
+                    .block_on(self.c.coord.stop(Duration::from_secs(20)))?;
+                ensure!(st.success(), "the coordinator's clean stop ended with {st}");
+                Ok(())
+            }
+
+            fn wait_coordinator_exit(&mut self) -> Result<()> {
+                self.rt.block_on(self.c.coord.wait_exit(WAIT))?;
+                Ok(())
+            }
+
+            fn coordinator_log(&self) -> String {
+                self.c.coord.log()
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use loopback_rig;
