@@ -97,7 +97,14 @@ impl Tracker {
             || t.max_cpu_percent.is_some()
             || (self.baseline.is_some()
                 && (t.max_rss_ratio.is_some() || t.max_cpu_ratio.is_some()));
-        !gated || self.seen >= t.sustained_samples.max(1)
+        // A crossing that has begun but not yet lasted `sustained_samples`
+        // must finish its count: the release is judged only once every gate
+        // has a full run of samples under its limit or has fired.
+        let crossing = self.rss_over > 0
+            || self.cpu_over > 0
+            || self.rss_regressed > 0
+            || self.cpu_regressed > 0;
+        !gated || (self.seen >= t.sustained_samples.max(1) && !crossing)
     }
 
     /// Average of the samples after warm-up: this release's steady state.
@@ -336,6 +343,7 @@ pub fn spawn_monitor(
     let task = tokio::spawn(async move {
         let start = Instant::now();
         let mut due: Vec<Instant> = tracker.checks().iter().map(|_| start).collect();
+        let mut settled = false;
         let mut next_sample = start;
         loop {
             let now = Instant::now();
@@ -361,12 +369,15 @@ pub fn spawn_monitor(
             }
             let mut verdict = tracker.verdict(process.alive());
             // With resource gates, a release is not healthy before the gates
-            // have seen enough samples of its process.
-            if verdict == Verdict::Healthy
-                && process.pid().is_some()
-                && !tracker.resources_settled()
-            {
-                verdict = Verdict::Pending;
+            // have seen enough samples of its process (a crossing that began
+            // finishes its count first). Once settled, a later crossing shows
+            // only when it has lasted `sustained_samples`.
+            if verdict == Verdict::Healthy && process.pid().is_some() && !settled {
+                if tracker.resources_settled() {
+                    settled = true;
+                } else {
+                    verdict = Verdict::Pending;
+                }
             }
             let view = HealthView {
                 verdict,
@@ -509,6 +520,37 @@ mod tests {
         assert!(
             matches!(t.verdict(true), Verdict::Unhealthy(r) if r.contains("90.0%") && r.contains("50.0%"))
         );
+    }
+
+    #[test]
+    fn a_crossing_in_progress_keeps_the_gates_unsettled() {
+        let th = Thresholds {
+            max_rss_bytes: Some(1000),
+            sustained_samples: 2,
+            ..Default::default()
+        };
+        let mut t = Tracker::new(vec![], th);
+        let low = ProcessSample {
+            rss_bytes: 10,
+            cpu_percent: 1.0,
+        };
+        let high = ProcessSample {
+            rss_bytes: 5000,
+            cpu_percent: 1.0,
+        };
+        // The service allocates after the first sample: two samples seen,
+        // but the ceiling has been crossed for one only.
+        t.record_resources(low);
+        assert!(!t.resources_settled());
+        t.record_resources(high);
+        assert!(!t.resources_settled(), "a crossing is in progress");
+        assert_eq!(t.verdict(true), Verdict::Healthy);
+        t.record_resources(high);
+        assert!(matches!(t.verdict(true), Verdict::Unhealthy(_)));
+        // Back under the ceiling for good: settled again.
+        t.record_resources(low);
+        assert!(t.resources_settled());
+        assert_eq!(t.verdict(true), Verdict::Healthy);
     }
 
     #[test]
