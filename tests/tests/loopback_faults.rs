@@ -60,7 +60,6 @@ impl LoopbackRig {
 crash_common::loopback_rig!(LoopbackRig);
 
 #[test]
-#[ignore = "known bug, issue 7: on an idle machine the host killed at rolling_back:verify:intent ends committed on the unhealthy release (found 2026-11-30; passes under load); run with --run-ignored all"]
 fn agent_kill9_at_every_crash_point_recovers_and_is_reported() -> Result<()> {
     let mut rig = LoopbackRig::start(
         crash_common::agent_crash_hosts(),

@@ -459,9 +459,15 @@ fn agent_crash_round(rig: &mut dyn Rig, round: usize, points: &[(&str, bool)]) -
         .collect();
     let release = format!("v{}", round + 2);
     // Arm each crash host's point (an agent restart; its service runs on).
-    let mut rollbacks_before = BTreeMap::new();
+    // A host's old release is the one it runs now: v1, or the release an
+    // earlier round committed on it.
+    let mut before = BTreeMap::new();
     for (h, point) in &crash {
-        rollbacks_before.insert(h.clone(), rollbacks_to(rig, h, "v1")?);
+        let old = agent_service(rig, h, "web")?
+            .and_then(|s| s["current"].as_str().map(str::to_string))
+            .with_context(|| format!("{h} runs no release of web"))?;
+        let n = rollbacks_to(rig, h, &old)?;
+        before.insert(h.clone(), (old, n));
         rig.restart_agent(h, Some(point))?;
     }
     wait_connected(rig)?;
@@ -500,7 +506,7 @@ fn agent_crash_round(rig: &mut dyn Rig, round: usize, points: &[(&str, bool)]) -
     let p = host_progress(rig, &id, &control)?;
     ensure!(p["state"] == "committed", "{p}");
     wait_idle_on(rig, &control, "web", &release)?;
-    // Each crash host ends idle and healthy on v1 or on the new release (an
+    // Each crash host ends idle and healthy on its old release or on the new one (an
     // interrupted activation or rollback is rolled back by the agent; one
     // found in probation after its restart is committed or rolled back by
     // the coordinator), activated once, and the coordinator's record agrees
@@ -508,11 +514,12 @@ fn agent_crash_round(rig: &mut dyn Rig, round: usize, points: &[(&str, bool)]) -
     // if counted unreachable, reconciled when it returned).
     let mut on_old = 0;
     for (h, point) in &crash {
+        let (old_release, rollbacks_before) = &before[h];
         let st = poll(&format!("{h} idle and healthy"), WAIT, || {
             let s = agent_service(rig, h, "web").ok()??;
             (s["phase"] == "idle"
                 && s["health"] == "healthy"
-                && (s["current"] == "v1" || s["current"] == release.as_str()))
+                && (s["current"] == old_release.as_str() || s["current"] == release.as_str()))
             .then_some(s)
         })
         .with_context(|| {
@@ -522,15 +529,15 @@ fn agent_crash_round(rig: &mut dyn Rig, round: usize, points: &[(&str, bool)]) -
                 tail(&rig.agent_log(h), 40)
             )
         })?;
-        let old = st["current"] == "v1";
+        let old = st["current"] == old_release.as_str();
         on_old += usize::from(old);
         let n = activations(rig, h, "web", &id)?;
         ensure!(n == 1, "{h} ({point}) activated {release} {n} times");
-        let after = rollbacks_to(rig, h, "v1")?;
+        let after = rollbacks_to(rig, h, old_release)?;
         ensure!(
-            after == rollbacks_before[h] + usize::from(old),
-            "{h} ({point}) rolled back to v1 {} times in this round: {:?}",
-            after - rollbacks_before[h],
+            after == rollbacks_before + usize::from(old),
+            "{h} ({point}) rolled back to {old_release} {} times in this round: {:?}",
+            after - rollbacks_before,
             history(rig, h, "web")?
         );
         poll(&format!("{h}'s record to match the host"), WAIT, || {
@@ -554,7 +561,7 @@ fn agent_crash_round(rig: &mut dyn Rig, round: usize, points: &[(&str, bool)]) -
     }
     ensure!(
         s["failures"] == on_old,
-        "{on_old} crash hosts returned to v1, the rollout counts other failures: {s}"
+        "{on_old} crash hosts returned to their old release, the rollout counts other failures: {s}"
     );
     // The coordinator's live view of every host matches the host's own.
     poll(
