@@ -271,10 +271,24 @@ impl Session {
     }
 }
 
-fn result_msg(
-    id: &str,
-    r: Result<Option<pb::ServiceReport>, (FailureKind, String)>,
-) -> pb::AgentMessage {
+/// Why a command failed, as the coordinator is told.
+struct CommandFailure {
+    kind: FailureKind,
+    error: String,
+    retryable: bool,
+}
+
+impl CommandFailure {
+    fn invalid(error: &str) -> Self {
+        CommandFailure {
+            kind: FailureKind::Invalid,
+            error: error.to_string(),
+            retryable: false,
+        }
+    }
+}
+
+fn result_msg(id: &str, r: Result<Option<pb::ServiceReport>, CommandFailure>) -> pb::AgentMessage {
     let result = match r {
         Ok(service) => pb::CommandResult {
             command_id: id.to_string(),
@@ -282,13 +296,15 @@ fn result_msg(
             failure: pb::FailureKind::Unspecified as i32,
             error: String::new(),
             service,
+            retryable: false,
         },
-        Err((kind, error)) => pb::CommandResult {
+        Err(f) => pb::CommandResult {
             command_id: id.to_string(),
             ok: false,
-            failure: failure_to_pb(kind) as i32,
-            error,
+            failure: failure_to_pb(f.kind) as i32,
+            error: f.error,
             service: None,
+            retryable: f.retryable,
         },
     };
     pb::AgentMessage {
@@ -296,8 +312,12 @@ fn result_msg(
     }
 }
 
-fn engine_err(e: EngineError) -> (FailureKind, String) {
-    (e.kind(), e.to_string())
+fn engine_err(e: EngineError) -> CommandFailure {
+    CommandFailure {
+        kind: e.kind(),
+        retryable: e.retryable(),
+        error: e.to_string(),
+    }
 }
 
 /// Executes one coordinator command and sends its result.
@@ -315,11 +335,8 @@ async fn handle(
     let r = match m.cmd {
         Some(Cmd::Ping(_)) => Ok(None),
         Some(Cmd::Stage(s)) => match s.definition.map(ServiceDefinition::try_from) {
-            None => Err((
-                FailureKind::Invalid,
-                "stage without a definition".to_string(),
-            )),
-            Some(Err(e)) => Err((FailureKind::Invalid, e.to_string())),
+            None => Err(CommandFailure::invalid("stage without a definition")),
+            Some(Err(e)) => Err(CommandFailure::invalid(&e.to_string())),
             Some(Ok(def)) => {
                 let svc = def.service.clone();
                 engine
@@ -362,10 +379,10 @@ async fn handle(
                 .map(|v| Some(service_report(&v, engine.store().as_ref())))
                 .map_err(engine_err)
         }
-        None => Err((FailureKind::Invalid, "empty command".to_string())),
+        None => Err(CommandFailure::invalid("empty command")),
     };
-    if let Err((_, e)) = &r {
-        warn!(command = %id, error = %e, "command failed");
+    if let Err(f) = &r {
+        warn!(command = %id, error = %f.error, retryable = f.retryable, "command failed");
     }
     let _ = tx.send(result_msg(&id, r)).await;
 }

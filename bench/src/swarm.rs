@@ -459,6 +459,7 @@ fn result_msg(
             failure: pb::FailureKind::Unspecified as i32,
             error: String::new(),
             service: Some(s),
+            retryable: false,
         },
         Err((kind, error)) => pb::CommandResult {
             command_id: id.to_string(),
@@ -466,6 +467,7 @@ fn result_msg(
             failure: kind as i32,
             error,
             service: None,
+            retryable: false,
         },
     };
     pb::AgentMessage {

@@ -118,6 +118,23 @@ impl Store {
         Ok(Store { db, crash_at: None })
     }
 
+    /// Test-only: opens `dir` again right after this process dropped its
+    /// handle. sled's flusher thread may hold the file lock a moment after
+    /// the drop (spacejam/sled#1234), so the open is retried for up to 5 s.
+    #[cfg(test)]
+    pub fn open_after_close(dir: &Path) -> Store {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Self::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() >= end => {
+                    panic!("reopen {}: {e}", dir.display())
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Arms a test-only crash point (one of [`CRASH_POINTS`]). Builds without
     /// the `crash-points` feature ignore it with a warning.
     pub fn with_crash_at(mut self, point: Option<String>) -> Store {
@@ -380,7 +397,7 @@ mod join_tests {
 
         // Reopened: still spent (flushed).
         drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = Store::open_after_close(dir.path());
         let r = store.token(&hash).expect("read").expect("kept");
         assert_eq!(r.used.map(|u| u.host).as_deref(), Some("web-1"));
     }

@@ -53,6 +53,23 @@ fn hist_prefix(service: &str) -> Vec<u8> {
 }
 
 impl SledStore {
+    /// Test-only: opens `dir` again right after this process dropped its
+    /// handle. sled's flusher thread may hold the file lock a moment after
+    /// the drop (spacejam/sled#1234), so the open is retried for up to 5 s.
+    #[cfg(test)]
+    pub fn open_after_close(dir: &Path) -> Self {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Self::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() >= end => {
+                    panic!("reopen {}: {e}", dir.display())
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()

@@ -111,7 +111,7 @@ fn sled_store_keeps_the_contract_and_survives_reopen() {
         let store = SledStore::open(dir.path()).expect("open");
         contract(&store);
     }
-    let store = SledStore::open(dir.path()).expect("reopen");
+    let store = SledStore::open_after_close(dir.path());
     let rec = store.service("web").expect("get").expect("present");
     assert_eq!(rec.current.as_deref(), Some("v1"));
     assert_eq!(store.history("web", 10).expect("history").len(), 2);

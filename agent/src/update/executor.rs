@@ -29,7 +29,7 @@ use crate::state::{
     HistoryEntry, OpKind, Operation, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write,
     now_ms,
 };
-use crate::update::installer::{InstallError, Installer};
+use crate::update::installer::{FetchError, InstallError, Installer};
 use crate::update::phase::{ActivateStep, Event, IllegalTransition, Phase, RollbackStep};
 use crate::update::supervisor::{Supervisor, service_env};
 
@@ -145,6 +145,23 @@ impl EngineError {
             EngineError::ActivationFailed { kind, .. } => *kind,
             EngineError::RollbackFailed { .. } => FailureKind::Unhealthy,
             EngineError::Store(_) | EngineError::ShuttingDown => FailureKind::Internal,
+        }
+    }
+
+    /// Whether the same command may succeed when sent again: the artifact
+    /// source could not be reached (the partial download is kept and
+    /// resumes), or the agent is shutting down.
+    pub fn retryable(&self) -> bool {
+        match self {
+            EngineError::Stage { source, .. } => matches!(
+                **source,
+                InstallError::Fetch {
+                    source: FetchError::Unavailable(_),
+                    ..
+                }
+            ),
+            EngineError::ShuttingDown => true,
+            _ => false,
         }
     }
 }

@@ -323,7 +323,7 @@ impl Host {
         let store: Arc<dyn StateStore> = match self.kind {
             StoreKind::Memory => Arc::new(MemoryStore::default()),
             StoreKind::Sled => {
-                Arc::new(SledStore::open(&self.dir.path().join("state")).expect("open sled"))
+                Arc::new(SledStore::open_after_close(&self.dir.path().join("state")))
             }
         };
         self.store = Some(store);
@@ -1040,6 +1040,30 @@ async fn retention_never_removes_a_release_staged_ahead_of_activation() {
 }
 
 // ---- staging ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_download_is_a_retryable_stage_failure_and_the_retry_resumes() {
+    let mut host = Host::new(StoreKind::Memory);
+    host.start();
+    let v1 = host.def("v1");
+    host.source.interrupt_once_after(v1.artifact.digest, 10);
+    let err = host
+        .engine()
+        .stage(v1.clone())
+        .await
+        .expect_err("the download was cut");
+    assert_eq!(err.kind(), FailureKind::StageFailed, "{err}");
+    assert!(err.retryable(), "{err}");
+    // Sent again, the stage resumes where the download stopped.
+    host.stage(&v1).await;
+    assert_eq!(host.source.fetch_offsets(v1.artifact.digest), [0, 10]);
+    // A failure that sending again cannot fix is not retryable.
+    let mut v2 = host.def("v2");
+    v2.artifact.digest = crate::release::Digest([7; 32]);
+    let err = host.engine().stage(v2).await.expect_err("no such artifact");
+    assert_eq!(err.kind(), FailureKind::StageFailed, "{err}");
+    assert!(!err.retryable(), "{err}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_a_release_id_again_with_another_definition_is_refused() {

@@ -138,6 +138,25 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Whether a Stage's outcome is worth sending again: the host was not
+/// connected or its stream ended, or the agent says the failure is transient
+/// (its artifact download was cut and resumes).
+fn stage_retryable(res: &Result<pb::CommandResult, FleetError>) -> bool {
+    match res {
+        Ok(x) => !x.ok && x.retryable,
+        Err(_) => transport_cut(res),
+    }
+}
+
+/// Whether a command never reached the host or its answer was lost with the
+/// stream (not a timeout: a host that does not answer is not waited for again).
+fn transport_cut(res: &Result<pb::CommandResult, FleetError>) -> bool {
+    matches!(
+        res,
+        Err(FleetError::Unreachable(_) | FleetError::Dropped(_))
+    )
+}
+
 fn ev(host: Option<&str>, kind: &str, message: impl Into<String>) -> Event {
     Event {
         seq: 0,
@@ -611,9 +630,23 @@ impl Engine {
                         p.state = HostState::Staged;
                         events.push(ev(Some(&h), "staged", "release staged"));
                     }
+                    // Cut by the network (or the host is offline): the host
+                    // stays pending and is staged again when its batch comes.
+                    res if stage_retryable(&res) => {
+                        let why = match &res {
+                            Ok(x) => x.error.clone(),
+                            Err(e) => e.to_string(),
+                        };
+                        events.push(ev(
+                            Some(&h),
+                            "stage_deferred",
+                            format!("staged again when its batch comes: {why}"),
+                        ));
+                    }
                     Ok(x) => {
                         p.state = HostState::Failed;
                         p.failure = Some(Failure::from_pb(x.failure));
+                        self.fleet.metrics().host_failed(p.failure);
                         p.reason = x.error.clone();
                         events.push(ev(
                             Some(&h),
@@ -624,6 +657,7 @@ impl Engine {
                     Err(e) => {
                         p.state = HostState::Failed;
                         p.failure = Some(Failure::Unreachable);
+                        self.fleet.metrics().host_failed(p.failure);
                         p.reason = e.to_string();
                         events.push(ev(Some(&h), "host_failed", format!("unreachable: {e}")));
                     }
@@ -722,7 +756,7 @@ impl Engine {
             .filter(|h| {
                 matches!(
                     r.hosts.get(*h).map(|p| p.state),
-                    Some(HostState::Staged | HostState::Activating)
+                    Some(HostState::Pending | HostState::Staged | HostState::Activating)
                 )
             })
             .cloned()
@@ -756,18 +790,25 @@ impl Engine {
             .filter(|h| r.hosts.get(*h).map(|p| p.state) == Some(HostState::Probation))
             .cloned()
             .collect();
-        let results = self
-            .fan_out(
-                to_commit.into_iter().map(|h| {
-                    let cmd = Cmd::Commit(pb::Commit {
-                        service: r.service.clone(),
-                        release: r.release.clone(),
-                    });
-                    (h, cmd)
-                }),
-                COMMAND_SLACK,
-                n,
-            )
+        // A commit cut by the network is sent again when the host is back
+        // (committing twice is a no-op on the agent).
+        let healthy = Duration::from_millis(r.definition().healthy_deadline_ms.max(1000));
+        let commit_by = tokio::time::Instant::now() + planner::batch_reconnect_grace(healthy);
+        let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
+            futures::stream::iter(to_commit.into_iter().map(|h| {
+                let cmd = Cmd::Commit(pb::Commit {
+                    service: r.service.clone(),
+                    release: r.release.clone(),
+                });
+                async move {
+                    let res = self
+                        .command_until(&h, cmd, COMMAND_SLACK, commit_by, transport_cut)
+                        .await;
+                    (h, res)
+                }
+            }))
+            .buffer_unordered(n)
+            .collect()
             .await;
         self.update(&r.id, |r| {
             let mut events = Vec::new();
@@ -950,6 +991,16 @@ impl Engine {
             let end = tokio::time::Instant::now() + timeout;
             return self.reconcile_activating(r, host, end, end, false).await;
         }
+        let healthy = Duration::from_millis(r.definition().healthy_deadline_ms.max(1000));
+        let grace_end = tokio::time::Instant::now() + planner::batch_reconnect_grace(healthy);
+        if state == Some(HostState::Pending) && !self.stage_late(r, &host, grace_end).await? {
+            return Ok(());
+        }
+        // A host briefly offline when its batch comes is waited for; the
+        // Activate below fails it as unreachable if it does not return.
+        if !self.await_connected(&host, grace_end).await {
+            info!(rollout = %r.id, host = %host, "host not connected when its batch came; counting it unreachable");
+        }
         let before = self
             .fleet
             .service(&host, &r.service)
@@ -967,6 +1018,103 @@ impl Engine {
         })
         .await?;
         self.send_activate(r, host, timeout).await
+    }
+
+    /// Waits until `host` is connected, at most until `by`; returns whether it is.
+    async fn await_connected(&self, host: &str, by: tokio::time::Instant) -> bool {
+        loop {
+            if self.fleet.connected(host) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= by {
+                return false;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = self.cancel.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Sends an idempotent command (Stage, Commit), and sends it again while
+    /// `retry` says its outcome is transient (the host not connected, its
+    /// stream cut, ...) until `by`; waits for the host to reconnect between
+    /// tries. Returns the last outcome.
+    async fn command_until(
+        &self,
+        host: &str,
+        cmd: Cmd,
+        timeout: Duration,
+        by: tokio::time::Instant,
+        retry: fn(&Result<pb::CommandResult, FleetError>) -> bool,
+    ) -> Result<pb::CommandResult, FleetError> {
+        loop {
+            if !self.await_connected(host, by).await {
+                return Err(FleetError::Unreachable(host.to_string()));
+            }
+            let res = self.fleet.command(host, cmd.clone(), timeout).await;
+            if !retry(&res) || tokio::time::Instant::now() >= by || self.cancel.is_cancelled() {
+                return res;
+            }
+            info!(host = %host, "command cut by the network; sending it again when the host is back");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = self.cancel.cancelled() => return res,
+            }
+        }
+    }
+
+    /// Stages a host whose Stage was cut at the start (still pending) when
+    /// its batch comes, sending it again while the failure is transient, until
+    /// `by`. Records the outcome; returns whether the host is staged.
+    async fn stage_late(
+        &self,
+        r: &Rollout,
+        host: &str,
+        by: tokio::time::Instant,
+    ) -> Result<bool, EngineError> {
+        let (_, stage_timeout) = Self::def_timeouts(r);
+        let cmd = Cmd::Stage(pb::Stage {
+            definition: Some(r.definition()),
+        });
+        let res = self
+            .command_until(host, cmd, stage_timeout, by, stage_retryable)
+            .await;
+        let staged = matches!(&res, Ok(x) if x.ok);
+        self.update(&r.id, |r| {
+            let Some(p) = r.hosts.get_mut(host) else {
+                return Ok(vec![]);
+            };
+            if p.state != HostState::Pending {
+                return Ok(vec![]);
+            }
+            Ok(vec![match res {
+                Ok(x) if x.ok => {
+                    p.state = HostState::Staged;
+                    ev(Some(host), "staged", "release staged")
+                }
+                Ok(x) => {
+                    p.state = HostState::Failed;
+                    p.failure = Some(Failure::from_pb(x.failure));
+                    self.fleet.metrics().host_failed(p.failure);
+                    p.reason = x.error.clone();
+                    ev(
+                        Some(host),
+                        "host_failed",
+                        format!("stage_failed: {}", x.error),
+                    )
+                }
+                Err(e) => {
+                    p.state = HostState::Failed;
+                    p.failure = Some(Failure::Unreachable);
+                    self.fleet.metrics().host_failed(p.failure);
+                    p.reason = e.to_string();
+                    ev(Some(host), "host_failed", format!("unreachable: {e}"))
+                }
+            }])
+        })
+        .await?;
+        Ok(staged)
     }
 
     async fn send_activate(

@@ -33,6 +33,8 @@ use crate::store::Store;
 const PATIENCE: Duration = Duration::from_secs(30);
 /// Observation window of a negative check.
 const QUIET: Duration = Duration::from_millis(400);
+/// How a fake agent's retryable stage failure starts.
+const STAGE_CUT: &str = "artifact source unavailable";
 /// How long a blipping fake agent stays away.
 const BLIP: Duration = Duration::from_millis(300);
 
@@ -145,8 +147,16 @@ struct Sim {
     /// The agent activates, its stream drops and it reconnects shortly after
     /// (a network blip during its own activation); once.
     blip_on_activate: AtomicBool,
+    /// The stream drops when a Commit arrives, before the agent acts on it,
+    /// and the agent reconnects shortly after; once.
+    blip_on_commit: AtomicBool,
     /// RSS the service reports once activated (0: none).
     rss_on_activate: AtomicU64,
+    /// This many Stage commands fail as a cut artifact download would:
+    /// `stage_failed`, retryable.
+    stage_cuts: AtomicUsize,
+    /// Every Stage fails for good (`stage_failed`, not retryable: disk full).
+    stage_no_space: AtomicBool,
     report: Mutex<pb::ServiceReport>,
     session: AtomicU64,
     seq: AtomicU64,
@@ -213,6 +223,23 @@ impl Sim {
     fn handle(&self, fleet: &Fleet, cmd: Cmd) -> Option<(bool, pb::FailureKind, String)> {
         let ok = Some((true, pb::FailureKind::Unspecified, String::new()));
         let answer = match cmd {
+            Cmd::Stage(_)
+                if self
+                    .stage_cuts
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok() =>
+            {
+                Some((
+                    false,
+                    pb::FailureKind::StageFailed,
+                    format!("{STAGE_CUT}: connection reset"),
+                ))
+            }
+            Cmd::Stage(_) if self.stage_no_space.load(Ordering::SeqCst) => Some((
+                false,
+                pb::FailureKind::StageFailed,
+                "no space left on device while trying to unpack".to_string(),
+            )),
             Cmd::Stage(st) => {
                 let release = st.definition.map(|d| d.release).unwrap_or_default();
                 self.with(|me, s| me.history(s, &release, "staged", ""));
@@ -346,6 +373,14 @@ fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
             let frozen = nth > log.answered.load(Ordering::SeqCst);
             let dies = (kind == "activate" && sim.die_on_activate.load(Ordering::SeqCst))
                 || (kind == "rollback" && sim.die_on_rollback.load(Ordering::SeqCst));
+            if kind == "commit" && sim.blip_on_commit.swap(false, Ordering::SeqCst) {
+                fleet.unregister(&sim.name, sim.session.load(Ordering::SeqCst));
+                tokio::spawn(async move {
+                    tokio::time::sleep(BLIP).await;
+                    connect(&fleet, &sim, &log);
+                });
+                return;
+            }
             let blips = kind == "activate" && sim.blip_on_activate.load(Ordering::SeqCst);
             let answer = sim.handle(&fleet, cmd);
             if blips {
@@ -364,6 +399,7 @@ fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
                         command_id: msg.command_id,
                         ok,
                         failure: failure as i32,
+                        retryable: !ok && error.starts_with(STAGE_CUT),
                         error,
                         service: Some(sim.snapshot()),
                     },
@@ -1418,14 +1454,33 @@ async fn disconnected_host_counts_as_unreachable_within_budget() {
     assert!(!h.fleet.connected(&host(4)));
     let engine = h.engine();
     let r = engine
-        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
         .expect("deploy");
     assert!(r.hosts.contains_key(&host(4)));
-    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let id = r.id.clone();
+    // Its batch waits for it for the grace (its 3 s healthy_deadline) first.
+    let batch = h.wait_until(&id, "batch 1", |r| r.current_batch == 1).await;
+    let started = Instant::now();
+    let r = h.wait_state(&id, RolloutState::Succeeded).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3) - Duration::from_millis(100),
+        "failed {:?} after its batch began: {}",
+        started.elapsed(),
+        h.dump(&batch)
+    );
     let p = &r.hosts[&host(4)];
     assert_eq!(
         (p.state, p.failure),
         (HostState::Failed, Some(Failure::Unreachable)),
+        "{}",
+        h.dump(&r)
+    );
+    assert!(p.reason.contains("not connected"), "{}", h.dump(&r));
+    let events = h.store.events(&id).expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "stage_deferred" && e.host.as_deref() == Some(host(4).as_str())),
         "{}",
         h.dump(&r)
     );
@@ -1439,6 +1494,131 @@ async fn disconnected_host_counts_as_unreachable_within_budget() {
         );
         assert_eq!(h.count(&host(i), "activate"), 1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_cut_by_the_network_is_sent_again_when_the_hosts_batch_comes() {
+    let h = Harness::new(5).await;
+    // host-3's first download is cut (the agent says: retryable).
+    h.sim(&host(3)).stage_cuts.store(1, Ordering::SeqCst);
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_eq!(r.failures(), 0, "{}", h.dump(&r));
+    for i in 1..=5 {
+        assert_eq!(
+            r.hosts[&host(i)].state,
+            HostState::Committed,
+            "{}",
+            h.dump(&r)
+        );
+        assert_eq!(h.count(&host(i), "activate"), 1, "{}", h.dump(&r));
+    }
+    assert_eq!(h.count(&host(3), "stage"), 2, "{}", h.dump(&r));
+    // Staged again before its activation, not before.
+    let sent = h.sent();
+    let mine: Vec<&str> = sent
+        .iter()
+        .filter(|s| s.host == host(3))
+        .map(|s| s.kind)
+        .collect();
+    assert_eq!(
+        mine,
+        ["stage", "stage", "activate", "commit"],
+        "{}",
+        h.dump(&r)
+    );
+    let events = h.store.events(&r.id).expect("events");
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e.host.as_deref() == Some(host(3).as_str()))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "stage_deferred",
+            "staged",
+            "activating",
+            "probation",
+            "committed"
+        ],
+        "{}",
+        h.dump(&r)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_failure_that_is_not_transient_fails_the_host_at_once() {
+    let h = Harness::new(3).await;
+    h.sim(&host(2)).stage_no_space.store(true, Ordering::SeqCst);
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let p = &r.hosts[&host(2)];
+    assert_eq!(
+        (p.state, p.failure),
+        (HostState::Failed, Some(Failure::StageFailed)),
+        "{}",
+        h.dump(&r)
+    );
+    assert!(p.reason.contains("no space left"), "{}", h.dump(&r));
+    assert_eq!(h.count(&host(2), "stage"), 1, "{}", h.dump(&r));
+    assert_eq!(h.count(&host(2), "activate"), 0, "{}", h.dump(&r));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_briefly_offline_when_its_batch_comes_is_waited_for() {
+    let h = Harness::new(5).await;
+    // host-3 drops off before the rollout and returns while the first batch
+    // runs: it is staged late and activated with its batch, not failed.
+    h.fleet
+        .unregister(&host(3), h.sim(&host(3)).session.load(Ordering::SeqCst));
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
+        .expect("deploy");
+    let id = r.id.clone();
+    h.wait_until(&id, "batch 1 to begin", |r| r.current_batch == 1)
+        .await;
+    assert_eq!(h.get(&id).hosts[&host(3)].state, HostState::Pending);
+    connect(&h.fleet, h.sim(&host(3)), &h.log);
+    let r = h.wait_state(&id, RolloutState::Succeeded).await;
+    assert_eq!(r.failures(), 0, "{}", h.dump(&r));
+    assert_eq!(
+        r.hosts[&host(3)].state,
+        HostState::Committed,
+        "{}",
+        h.dump(&r)
+    );
+    assert_eq!(h.count(&host(3), "stage"), 1, "{}", h.dump(&r));
+    assert_eq!(h.count(&host(3), "activate"), 1, "{}", h.dump(&r));
+    assert_eq!(h.sim(&host(3)).snapshot().current_release, "v2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_cut_by_the_network_is_sent_again_when_the_host_is_back() {
+    let h = Harness::new(3).await;
+    h.sim(&host(2)).blip_on_commit.store(true, Ordering::SeqCst);
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2_FAST, &h.digest, h.size)
+        .expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_eq!(r.failures(), 0, "{}", h.dump(&r));
+    assert_eq!(
+        r.hosts[&host(2)].state,
+        HostState::Committed,
+        "{}",
+        h.dump(&r)
+    );
+    assert_eq!(h.count(&host(2), "commit"), 2, "{}", h.dump(&r));
+    assert_eq!(h.count(&host(2), "activate"), 1, "{}", h.dump(&r));
+    assert_eq!(h.sim(&host(2)).snapshot().last_known_good, "v2");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -200,6 +200,15 @@ pub fn reconnect_grace(healthy_deadline: Duration) -> Duration {
     (healthy_deadline / 2).min(MAX_RECONNECT_GRACE)
 }
 
+/// How long a host of the current batch that is not connected, or whose
+/// Stage was cut by the network, is waited for before it counts as
+/// unreachable: as long as a release is given to become healthy
+/// (`healthy_deadline`), at most [`MAX_RECONNECT_GRACE`]. A network blip
+/// then costs a short wait, not a failed host.
+pub fn batch_reconnect_grace(healthy_deadline: Duration) -> Duration {
+    healthy_deadline.min(MAX_RECONNECT_GRACE)
+}
+
 /// Until when (unix ms) a host whose stream ended at `dropped_ms`, while the
 /// Activate sent at `sent_ms` was in flight, may reconnect: the
 /// [`reconnect_grace`] after the drop, but never past the activation's own
