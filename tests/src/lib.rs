@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod coordinator;
 pub mod docker;
+pub mod flap;
 pub mod join_harness;
 pub mod proxy;
 pub mod tls_cluster;
