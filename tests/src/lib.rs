@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use rollout_proto::pb;
 use sha2::Digest as _;
 
@@ -206,6 +206,12 @@ pub struct AgentOptions {
     pub labels: Vec<(String, String)>,
     /// Extra top-level config lines, e.g. `trusted_keys = [...]`.
     pub extra: Vec<String>,
+    /// Runs the agent in its own user and mount namespace (`unshare -rm`)
+    /// with its data directory on a tmpfs of this many bytes: a small disk
+    /// to fill ([`Agent::fill_disk`]), gone with the process (its content
+    /// does not survive an agent restart). The admin socket moves out of the
+    /// data directory; [`Agent::seen_data_dir`] reads the tmpfs.
+    pub data_tmpfs: Option<u64>,
 }
 
 impl AgentOptions {
@@ -219,6 +225,7 @@ impl AgentOptions {
             env: Vec::new(),
             labels: Vec::new(),
             extra: Vec::new(),
+            data_tmpfs: None,
         }
     }
 }
@@ -253,7 +260,56 @@ impl Agent {
 
     /// The admin socket.
     pub fn socket(&self) -> PathBuf {
-        self.data_dir().join("admin.sock")
+        if self.opts.data_tmpfs.is_some() {
+            self.dir.path().join("admin.sock")
+        } else {
+            self.data_dir().join("admin.sock")
+        }
+    }
+
+    /// The agent's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The data directory as the agent sees it: through its own mount
+    /// namespace with [`AgentOptions::data_tmpfs`] (while it runs).
+    pub fn seen_data_dir(&self) -> PathBuf {
+        match (self.opts.data_tmpfs, self.pid()) {
+            (Some(_), Some(pid)) => PathBuf::from(format!("/proc/{pid}/root")).join(
+                self.data_dir()
+                    .strip_prefix("/")
+                    .unwrap_or(&self.data_dir()),
+            ),
+            _ => self.data_dir(),
+        }
+    }
+
+    /// Fills the agent's tmpfs ([`AgentOptions::data_tmpfs`]) until at most
+    /// `leave` bytes are free; returns the bytes left free.
+    pub fn fill_disk(&self, leave: u64) -> Result<u64> {
+        ensure!(
+            self.opts.data_tmpfs.is_some() && self.pid().is_some(),
+            "fill_disk needs a running agent with data_tmpfs: it would fill the machine's disk"
+        );
+        let dir = self.seen_data_dir();
+        let free = || -> Result<u64> {
+            let st = nix::sys::statvfs::statvfs(&dir)?;
+            Ok(st.blocks_available() * st.fragment_size())
+        };
+        let mut f = std::fs::File::create(dir.join("fill"))?;
+        let chunk = vec![0u8; 1 << 20];
+        // Bounded: the tmpfs holds at most data_tmpfs bytes.
+        for _ in 0..self.opts.data_tmpfs.unwrap_or(0).div_ceil(1 << 20) + 1 {
+            let now = free()?;
+            if now <= leave {
+                break;
+            }
+            let n = usize::try_from((now - leave).min(1 << 20))?;
+            f.write_all(&chunk[..n])?;
+            f.sync_all()?;
+        }
+        free()
     }
 
     /// The config file.
@@ -268,6 +324,12 @@ impl Agent {
             self.data_dir().display().to_string(),
             self.opts.retain
         );
+        if self.opts.data_tmpfs.is_some() {
+            c.push_str(&format!(
+                "admin_socket = {:?}\n",
+                self.socket().display().to_string()
+            ));
+        }
         for line in &self.opts.extra {
             c.push_str(line);
             c.push('\n');
@@ -303,7 +365,21 @@ impl Agent {
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))?;
-        let child = Command::new(bin("rollout-agent"))
+        let mut cmd = match self.opts.data_tmpfs {
+            None => Command::new(bin("rollout-agent")),
+            Some(bytes) => {
+                std::fs::create_dir_all(self.data_dir())?;
+                let mut c = Command::new("unshare");
+                c.args(["--user", "--map-root-user", "--mount", "--", "sh", "-c"])
+                    .arg(r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$@""#)
+                    .arg("sh")
+                    .arg(bytes.to_string())
+                    .arg(self.data_dir())
+                    .arg(bin("rollout-agent"));
+                c
+            }
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(self.config_path())
@@ -416,7 +492,7 @@ impl Agent {
     /// The release the `current` link of a service points at.
     pub fn current_link(&self, service: &str) -> Option<String> {
         let link = self
-            .data_dir()
+            .seen_data_dir()
             .join("services")
             .join(service)
             .join("current");
@@ -427,7 +503,7 @@ impl Agent {
     /// Entries of the releases directory (to spot leftovers like `.tmp`).
     pub fn release_dirs(&self, service: &str) -> Vec<String> {
         let dir = self
-            .data_dir()
+            .seen_data_dir()
             .join("services")
             .join(service)
             .join("releases");

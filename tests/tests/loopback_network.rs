@@ -4,8 +4,8 @@
 //! reaches the coordinator through its own [`Proxy`], whose
 //! [`Proxy::partition`] silences every open connection in both directions
 //! (a blackhole, as a pulled cable: only keepalive notices) and closes new
-//! ones, and a frozen host is a SIGSTOP of its agent process (its service
-//! runs on).
+//! ones, and a frozen host is a SIGSTOP of its agent and of every process
+//! of its services (as `docker pause` freezes a container).
 //!
 //! Agents and coordinator use the keepalive of the container fleet
 //! ([`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`] = 3 s), so a silent
@@ -73,6 +73,12 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
 
 impl NetRig {
     fn start(n: usize) -> Result<NetRig> {
+        Self::start_with(n, |_, _| {})
+    }
+
+    /// As [`NetRig::start`], with `tweak(i, options)` applied to host `i`'s
+    /// agent options (0-based).
+    fn start_with(n: usize, tweak: impl Fn(usize, &mut AgentOptions)) -> Result<NetRig> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -99,6 +105,7 @@ impl NetRig {
                 KEEPALIVE_INTERVAL.as_millis(),
                 KEEPALIVE_TIMEOUT.as_millis()
             ));
+            tweak(i, &mut opts);
             agents.push(rt.block_on(Agent::start(opts))?);
             ports.push(port);
             proxies.push(proxy);
@@ -157,15 +164,62 @@ impl NetRig {
         bail!("no running agent process for {host} ({cfg})")
     }
 
-    /// SIGSTOP of `host`'s agent.
-    fn freeze(&self, host: &str) -> Result<()> {
-        kill(self.agent_pid(host)?, Signal::SIGSTOP)?;
-        Ok(())
+    /// The processes of `host`: its agent and every process working under
+    /// the agent's data directory (its services and their children).
+    fn host_pids(&self, host: &str) -> Result<Vec<Pid>> {
+        let agent = self.agent_pid(host)?;
+        let data = self.c.agents[self.index(host)?].data_dir();
+        let mut pids = vec![agent];
+        for p in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cwd) = std::fs::read_link(p.path().join("cwd")) else {
+                continue;
+            };
+            if cwd.starts_with(&data) && pid != agent.as_raw() {
+                pids.push(Pid::from_raw(pid));
+            }
+        }
+        Ok(pids)
     }
 
-    /// SIGCONT of `host`'s agent.
-    fn thaw(&self, host: &str) -> Result<()> {
-        kill(self.agent_pid(host)?, Signal::SIGCONT)?;
+    /// Freezes the whole host: SIGSTOP of its agent and its services (as
+    /// `docker pause` freezes a container), once each is seen stopped.
+    fn freeze(&self, host: &str) -> Result<Vec<Pid>> {
+        let pids = self.host_pids(host)?;
+        ensure!(
+            pids.len() >= 2,
+            "{host}: no service process found to freeze"
+        );
+        for pid in &pids {
+            kill(*pid, Signal::SIGSTOP)?;
+        }
+        poll(
+            &format!("{host}'s processes stopped"),
+            Duration::from_secs(10),
+            || {
+                pids.iter()
+                    .all(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                            .ok()
+                            .and_then(|s| {
+                                s.rsplit_once(')')
+                                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                            })
+                            .unwrap_or(false)
+                    })
+                    .then_some(())
+            },
+        )?;
+        Ok(pids)
+    }
+
+    /// Thaws what [`NetRig::freeze`] froze: SIGCONT of each process.
+    fn thaw(&self, pids: &[Pid]) -> Result<()> {
+        for pid in pids {
+            kill(*pid, Signal::SIGCONT)?;
+        }
         Ok(())
     }
 
@@ -711,7 +765,103 @@ fn coordinator_partitioned_from_the_fleet_mid_batch_leaves_no_host_unverified() 
     Ok(())
 }
 
-/// Scenario 5: h1's agent is frozen (SIGSTOP) while it verifies v2. The
+/// Scenario 6: h2's data directory is a 64 MiB tmpfs (its own mount
+/// namespace), filled until 4 MiB are free; v2 unpacks to 32 MiB. h2's stage
+/// fails cleanly: `stage_failed` naming "no space left on device", nothing of
+/// v2 left in its releases, v1 serving on in the same process, nothing of v2
+/// in its history; the rollout succeeds on h1 and h3 within its budget.
+#[test]
+fn disk_full_during_staging_fails_the_stage_cleanly_and_leaves_the_running_release() -> Result<()> {
+    let t0 = Instant::now();
+    let rig = NetRig::start_with(3, |i, o| {
+        if i == 1 {
+            o.data_tmpfs = Some(64 << 20);
+        }
+    })?;
+    let v1 = rig.deploy_v1()?;
+    let h2 = &rig.c.agents[1];
+    let services = |rig: &NetRig| -> Result<Vec<Pid>> {
+        let agent = rig.agent_pid("h2")?;
+        Ok(rig
+            .host_pids("h2")?
+            .into_iter()
+            .filter(|p| *p != agent)
+            .collect())
+    };
+    let pids_before = services(&rig)?;
+    ensure!(!pids_before.is_empty(), "no service process on h2");
+    let free = h2.fill_disk(4 << 20)?;
+    ensure!(free <= 4 << 20, "{free} bytes still free on h2");
+    let spec = rig.spec(
+        "v2",
+        &[
+            ("max_failures", "1"),
+            ("batch_percent", "100"),
+            ("max_unavailable", "\"100%\""),
+        ],
+    )?;
+    // v2 unpacks to 32 MiB of zeros (a few KiB compressed).
+    rollout_tests::docker::write_artifact(
+        &rig.work_dir().join("web-v2.tar.gz"),
+        "version=v2",
+        32 << 20,
+    )?;
+    let (ok, id, out, err) = rig.deploy_wait(&spec)?;
+    ensure!(
+        ok,
+        "v2 deploy failed:\n{out}\n{err}\n{}",
+        rig.coordinator_log()
+    );
+    let s = crash_common::status(&rig, &id)?;
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert_eq!(s["failures"], 1, "{s}");
+    let p = crash_common::host_progress(&rig, &id, "h2")?;
+    assert_eq!(p["failure"], "stage_failed", "{p}");
+    assert!(
+        p["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no space left on device"),
+        "{p}"
+    );
+    let events = crash_common::events_contiguous(&rig, &id)?;
+    assert!(
+        events.iter().any(|e| e["host"] == "h2"
+            && e["kind"] == "host_failed"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("stage_failed") && m.contains("no space"))),
+        "{events:?}"
+    );
+    // Nothing of v2 half-unpacked on h2, and v1 runs on, the same process.
+    let dirs = h2.release_dirs("web");
+    assert!(
+        dirs.iter().all(|d| !d.contains("v2")),
+        "leftovers of the failed stage on h2: {dirs:?}"
+    );
+    assert!(dirs.iter().any(|d| d == "v1"), "{dirs:?}");
+    assert_eq!(h2.current_link("web").as_deref(), Some("v1"));
+    let st = crash_common::agent_service(&rig, "h2", "web")?.context("h2 has no web")?;
+    assert_eq!(st["current"], "v1", "{st}");
+    assert_eq!(st["phase"], "idle", "{st}");
+    assert_eq!(rig.served_version("h2").as_deref(), Some("v1"));
+    assert_eq!(services(&rig)?, pids_before);
+    let doc = rig.agent_releases("h2", "web")?;
+    assert!(
+        !doc["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["release"] == "v2"),
+        "h2 recorded v2 although it never staged it: {doc:#}"
+    );
+    rig.wait_serving(&["h1", "h3"], "v2")?;
+    rig.check_histories(&[&v1, &id])?;
+    eprintln!("disk full: {:?}", t0.elapsed());
+    Ok(())
+}
+
+/// Scenario 5: h1 (agent and service) is frozen (SIGSTOP) while it verifies v2. The
 /// coordinator's keepalive drops it as unreachable within
 /// `healthy_deadline`, the rollout goes on to h2 and h3 within its failure
 /// budget while h1 is still frozen, and when h1 thaws (SIGCONT) it reports
@@ -746,7 +896,7 @@ fn frozen_agent_mid_activation_times_out_within_healthy_deadline_and_is_reconcil
             .is_some_and(|(p, c)| p == "verifying" && c == "v2")
             .then_some(())
     })?;
-    rig.freeze("h1")?;
+    let frozen_pids = rig.freeze("h1")?;
     let frozen = Instant::now();
     let p = poll("h1 failed as unreachable", healthy_deadline, || {
         let p = crash_common::host_progress(&rig, &id, "h1").ok()?;
@@ -767,7 +917,7 @@ fn frozen_agent_mid_activation_times_out_within_healthy_deadline_and_is_reconcil
     // Thaw: h1 finishes or abandons its activation, reconnects, reports; the
     // coordinator records where it is (and rolls it back if it came back in
     // probation on v2: the rollout counted it as failed).
-    rig.thaw("h1")?;
+    rig.thaw(&frozen_pids)?;
     let thawed = Instant::now();
     rig.wait_idle_on("h1", "v1", Duration::from_secs(40))?;
     let p = poll("h1 reconciled", Duration::from_secs(20), || {
@@ -794,7 +944,7 @@ fn frozen_agent_mid_activation_times_out_within_healthy_deadline_and_is_reconcil
         );
     }
     eprintln!(
-        "frozen agent (keepalive {keepalive:?}): dropped {detected:?} after the freeze, rollout \
+        "frozen host (keepalive {keepalive:?}): dropped {detected:?} after the freeze, rollout \
          finished {finished:?} after it, h1 reconciled {:?} after the thaw ({}); total {:?}",
         thawed.elapsed(),
         p["reason"],
