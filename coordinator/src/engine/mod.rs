@@ -21,7 +21,7 @@
 
 pub mod model;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -289,7 +289,12 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let mut r = self.get(id)?;
+        let before = r.clone();
         let events = f(&mut r)?;
+        // Nothing changed, nothing to explain: no write (and no fsync).
+        if events.is_empty() && r == before {
+            return Ok(r);
+        }
         r.updated_at_ms = now_ms();
         self.store.save_rollout(&r, &events)?;
         for e in &events {
@@ -761,11 +766,58 @@ impl Engine {
             })
             .cloned()
             .collect();
+        // The hosts ready at once (staged and connected) are journaled
+        // `activating` in one write before any Activate leaves; the others
+        // (to be staged again, offline, or journaled before a restart) go
+        // one by one.
+        let ready: BTreeSet<String> = work
+            .iter()
+            .filter(|h| {
+                r.hosts.get(*h).map(|p| p.state) == Some(HostState::Staged)
+                    && self.fleet.connected(h)
+            })
+            .cloned()
+            .collect();
+        if !ready.is_empty() {
+            let before: BTreeMap<String, Option<String>> = ready
+                .iter()
+                .map(|h| {
+                    let cur = self
+                        .fleet
+                        .service(h, &r.service)
+                        .map(|s| s.current_release)
+                        .filter(|s| !s.is_empty());
+                    (h.clone(), cur)
+                })
+                .collect();
+            self.update(&r.id, |r| {
+                let mut events = Vec::new();
+                for (h, prev) in &before {
+                    if let Some(p) = r.hosts.get_mut(h) {
+                        p.state = HostState::Activating;
+                        p.previous_release = prev.clone();
+                        events.push(ev(
+                            Some(h),
+                            "activating",
+                            format!("from {}", prev.clone().unwrap_or_default()),
+                        ));
+                    }
+                }
+                Ok(events)
+            })
+            .await?;
+        }
         let n = work.len().max(1);
-        futures::stream::iter(
-            work.into_iter()
-                .map(|h| self.activate_host(r, h, activate_timeout)),
-        )
+        futures::stream::iter(work.into_iter().map(|h| {
+            let journaled = ready.contains(&h);
+            async move {
+                if journaled {
+                    self.send_activate(r, h, activate_timeout).await
+                } else {
+                    self.activate_host(r, h, activate_timeout).await
+                }
+            }
+        }))
         .buffer_unordered(n)
         .collect::<Vec<_>>()
         .await
