@@ -184,6 +184,17 @@ impl Store {
     /// is a lost event. Writes of one rollout must not race (the engine
     /// holds the rollout's lock).
     pub fn save_rollout(&self, r: &Rollout, events: &[Event]) -> Result<(), StoreError> {
+        self.write_rollout(r, events)?;
+        self.db.flush().map_err(backend("flush"))?;
+        self.crash_point(events);
+        Ok(())
+    }
+
+    /// As [`Store::save_rollout`], but flushed by the caller's
+    /// [`Store::flush`] (outside the rollout's lock, so that concurrent
+    /// writers share one fsync): the write is visible to readers at once,
+    /// durable only after that flush. Writes of one rollout must not race.
+    pub fn write_rollout(&self, r: &Rollout, events: &[Event]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let key = format!("rollout/{}", r.id);
         batch.insert(key.as_bytes(), encode(&key, r)?);
@@ -209,10 +220,14 @@ impl Store {
             k.extend_from_slice(&seq.to_be_bytes());
             batch.insert(k, encode("event", &ev)?);
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(backend("write rollout"))?;
-        self.db.flush().map_err(backend("flush"))?;
+        self.db.apply_batch(batch).map_err(backend("write rollout"))
+    }
+
+    /// Makes every write so far durable (one fsync shared by the writers
+    /// waiting at the same time), then honours an armed crash point among
+    /// `events` (the events of the caller's write).
+    pub async fn flush(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(backend("flush"))?;
         self.crash_point(events);
         Ok(())
     }

@@ -126,6 +126,9 @@ pub struct Engine {
     /// retried once the host reconnects or its situation changes, not on
     /// every report.
     owed_sent: Mutex<HashMap<(String, String), OwedSent>>,
+    /// The latest written state of each rollout this engine changed: reads
+    /// skip decoding the stored record (the engine is its only writer).
+    cache: Mutex<HashMap<String, Rollout>>,
 }
 
 /// What an owed rollback was sent for: the host's session and its reported
@@ -185,6 +188,7 @@ impl Engine {
             cancel,
             tasks: tokio_util::task::TaskTracker::new(),
             owed_sent: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -269,6 +273,9 @@ impl Engine {
 
     /// One rollout.
     pub fn get(&self, id: &str) -> Result<Rollout, EngineError> {
+        if let Some(r) = self.cache.lock().ok().and_then(|c| c.get(id).cloned()) {
+            return Ok(r);
+        }
         self.store
             .rollout(id)?
             .ok_or_else(|| EngineError::NotFound(id.to_string()))
@@ -282,7 +289,7 @@ impl Engine {
         f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
     ) -> Result<Rollout, EngineError> {
         let lock = self.lock_for(id);
-        let _g = lock.lock().await;
+        let g = lock.lock().await;
         // Once stopping, commands fail as the agents' streams are closed:
         // their failures are not the hosts' and must not be recorded.
         if self.cancel.is_cancelled() {
@@ -296,7 +303,24 @@ impl Engine {
             return Ok(r);
         }
         r.updated_at_ms = now_ms();
-        self.store.save_rollout(&r, &events)?;
+        if let Err(e) = self.store.write_rollout(&r, &events) {
+            // What is stored is unknown now: read it back next time.
+            if let Ok(mut c) = self.cache.lock() {
+                c.remove(id);
+            }
+            return Err(e.into());
+        }
+        if let Ok(mut c) = self.cache.lock() {
+            if r.state.is_terminal() {
+                c.remove(id);
+            } else {
+                c.insert(id.to_string(), r.clone());
+            }
+        }
+        drop(g);
+        // Durable before the caller acts on it; the fsync is shared with the
+        // other rollouts' and hosts' writes waiting at the same time.
+        self.store.flush(&events).await?;
         for e in &events {
             info!(
                 rollout = %r.id,
