@@ -98,6 +98,15 @@ pub const CRASH_POINTS: &[&str] = &[
     "aborted",
 ];
 
+/// Which hosts' progress [`Store::write_rollout`] writes.
+#[derive(Debug, Clone, Copy)]
+pub enum HostsToWrite<'a> {
+    /// Every host (a new rollout, or the first write of a loaded one).
+    All,
+    /// Only these hosts changed.
+    Only(&'a [String]),
+}
+
 /// The coordinator's sled database.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -133,6 +142,12 @@ impl Store {
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
             }
         }
+    }
+
+    /// Test-only: writes raw bytes under `key` (records of earlier versions).
+    #[cfg(test)]
+    pub fn insert_raw(&self, key: &str, value: Vec<u8>) {
+        self.db.insert(key.as_bytes(), value).expect("insert");
     }
 
     /// Arms a test-only crash point (one of [`CRASH_POINTS`]). Builds without
@@ -184,7 +199,7 @@ impl Store {
     /// is a lost event. Writes of one rollout must not race (the engine
     /// holds the rollout's lock).
     pub fn save_rollout(&self, r: &Rollout, events: &[Event]) -> Result<(), StoreError> {
-        self.write_rollout(r, events)?;
+        self.write_rollout(&mut r.clone(), HostsToWrite::All, events)?;
         self.db.flush().map_err(backend("flush"))?;
         self.crash_point(events);
         Ok(())
@@ -194,10 +209,43 @@ impl Store {
     /// [`Store::flush`] (outside the rollout's lock, so that concurrent
     /// writers share one fsync): the write is visible to readers at once,
     /// durable only after that flush. Writes of one rollout must not race.
-    pub fn write_rollout(&self, r: &Rollout, events: &[Event]) -> Result<(), StoreError> {
+    ///
+    /// The record is kept in pieces, so that a host's transition writes a
+    /// few hundred bytes whatever the fleet's size: `rollout/<id>` holds the
+    /// rollout without its hosts, `rhost/<id>/<host>` each host's progress
+    /// (`hosts` says which are written). Records of earlier versions, with
+    /// the hosts inline, are read as they are and split on their first write
+    /// (which writes every host).
+    pub fn write_rollout(
+        &self,
+        r: &mut Rollout,
+        hosts: HostsToWrite<'_>,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let key = format!("rollout/{}", r.id);
-        batch.insert(key.as_bytes(), encode(&key, r)?);
+        let all = std::mem::take(&mut r.hosts);
+        let head = encode(&key, &*r);
+        r.hosts = all;
+        batch.insert(key.as_bytes(), head?);
+        let mut put_host = |h: &str, p: &crate::engine::model::HostProgress| {
+            let k = format!("rhost/{}/{h}", r.id);
+            encode(&k, p).map(|v| batch.insert(k.as_bytes(), v))
+        };
+        match hosts {
+            HostsToWrite::All => {
+                for (h, p) in &r.hosts {
+                    put_host(h, p)?;
+                }
+            }
+            HostsToWrite::Only(list) => {
+                for h in list {
+                    if let Some(p) = r.hosts.get(h) {
+                        put_host(h, p)?;
+                    }
+                }
+            }
+        }
         let prefix = format!("event/{}/", r.id);
         let mut seq = match self.db.scan_prefix(prefix.as_bytes()).next_back() {
             None => 0,
@@ -240,14 +288,32 @@ impl Store {
             .get(key.as_bytes())
             .map_err(backend("read rollout"))?
         {
-            Some(v) => Ok(Some(decode(key.as_bytes(), &v)?)),
+            Some(v) => {
+                let mut r: Rollout = decode(key.as_bytes(), &v)?;
+                self.load_hosts(&mut r)?;
+                Ok(Some(r))
+            }
             None => Ok(None),
         }
+    }
+
+    /// Fills in the hosts stored under their own keys (`rhost/<id>/<host>`).
+    fn load_hosts(&self, r: &mut Rollout) -> Result<(), StoreError> {
+        let prefix = format!("rhost/{}/", r.id);
+        for kv in self.db.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(backend("read a rollout's hosts"))?;
+            let host = String::from_utf8_lossy(k.get(prefix.len()..).unwrap_or_default());
+            r.hosts.insert(host.into_owned(), decode(&k, &v)?);
+        }
+        Ok(())
     }
 
     /// Every rollout, oldest first.
     pub fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
         let mut v: Vec<Rollout> = self.scan("rollout/")?;
+        for r in &mut v {
+            self.load_hosts(r)?;
+        }
         v.sort_by_key(|r| r.created_at_ms);
         Ok(v)
     }

@@ -36,7 +36,7 @@ use crate::artifacts::Artifacts;
 use crate::fleet::{Fleet, FleetError};
 use crate::rollout::planner;
 use crate::rollout::spec::{DeploySpec, parse_spec};
-use crate::store::{Store, StoreError};
+use crate::store::{HostsToWrite, Store, StoreError};
 use model::{Event, Failure, HostProgress, HostState, Rollout, RolloutState, now_ms};
 
 /// Engine failures, each naming the cause and the fix.
@@ -295,7 +295,12 @@ impl Engine {
         if self.cancel.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
-        let mut r = self.get(id)?;
+        let cached = self.cache.lock().ok().and_then(|c| c.get(id).cloned());
+        let from_cache = cached.is_some();
+        let mut r = match cached {
+            Some(r) => r,
+            None => self.get(id)?,
+        };
         let before = r.clone();
         let events = f(&mut r)?;
         // Nothing changed, nothing to explain: no write (and no fsync).
@@ -303,7 +308,20 @@ impl Engine {
             return Ok(r);
         }
         r.updated_at_ms = now_ms();
-        if let Err(e) = self.store.write_rollout(&r, &events) {
+        // Only the hosts that changed are written (all of them the first
+        // time this engine writes the rollout).
+        let changed: Vec<String> = r
+            .hosts
+            .iter()
+            .filter(|(h, p)| before.hosts.get(*h) != Some(*p))
+            .map(|(h, _)| h.clone())
+            .collect();
+        let hosts = if from_cache {
+            HostsToWrite::Only(&changed)
+        } else {
+            HostsToWrite::All
+        };
+        if let Err(e) = self.store.write_rollout(&mut r, hosts, &events) {
             // What is stored is unknown now: read it back next time.
             if let Ok(mut c) = self.cache.lock() {
                 c.remove(id);
@@ -429,14 +447,12 @@ impl Engine {
             .map(|(i, b)| format!("batch {i}: {}", b.join(",")))
             .collect::<Vec<_>>()
             .join("; ");
-        self.store.save_rollout(
-            &r,
-            &[ev(
-                None,
-                "created",
-                format!("{} {} on {n} hosts; {plan}", r.service, r.release),
-            )],
-        )?;
+        let created = ev(
+            None,
+            "created",
+            format!("{} {} on {n} hosts; {plan}", r.service, r.release),
+        );
+        self.store.save_rollout(&r, &[created])?;
         info!(rollout = %id, service = %r.service, release = %r.release, hosts = n, "rollout created");
         self.spawn(id);
         Ok(r)

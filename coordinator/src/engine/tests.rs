@@ -27,7 +27,7 @@ use crate::artifacts::Artifacts;
 use crate::fleet::Fleet;
 use crate::rollout::planner;
 use crate::rollout::spec::parse_spec;
-use crate::store::Store;
+use crate::store::{HostsToWrite, Store};
 
 /// How long a test waits for the engine before failing.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -1923,4 +1923,71 @@ async fn host_whose_stream_blips_during_its_activation_is_decided_from_its_repor
         h.dump(&r)
     );
     engine.shutdown().await;
+}
+
+// ---- storage ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_is_stored_with_each_host_under_its_own_key() {
+    let h = Harness::new(3).await;
+    let spec = parse_spec(SPEC_BATCH2, Path::new(".")).expect("spec");
+    let hosts: Vec<String> = (1..=3).map(host).collect();
+    let r = h.persist_hosts(
+        "r-split",
+        spec.clone(),
+        hosts.clone(),
+        RolloutState::Paused,
+        0,
+        &[],
+    );
+    assert_eq!(h.get("r-split"), r);
+    // One host changed and named: it and the head are written.
+    let mut r2 = r.clone();
+    r2.message = "changed".into();
+    r2.hosts.get_mut(&host(2)).expect("h2").state = HostState::Committed;
+    h.store
+        .write_rollout(&mut r2.clone(), HostsToWrite::Only(&[host(2)]), &[])
+        .expect("write");
+    assert_eq!(h.get("r-split"), r2);
+    // A host changed but not named is not written: writes are per host.
+    let mut r3 = r2.clone();
+    r3.hosts.get_mut(&host(3)).expect("h3").state = HostState::Committed;
+    h.store
+        .write_rollout(&mut r3.clone(), HostsToWrite::Only(&[]), &[])
+        .expect("write");
+    assert_eq!(h.get("r-split").hosts[&host(3)].state, HostState::Pending);
+
+    // A record of an earlier version, hosts inline: read as it is; the
+    // engine's first write splits it (every host written), later writes
+    // carry only the changed host.
+    let mut old = h.persist_hosts("r-old", spec, hosts, RolloutState::Paused, 0, &[]);
+    old.id = "r-inline".into();
+    h.store.insert_raw(
+        "rollout/r-inline",
+        serde_json::to_vec(&old).expect("encode"),
+    );
+    assert_eq!(h.get("r-inline"), old);
+    let engine = h.engine();
+    engine
+        .update("r-inline", |r| {
+            r.hosts.get_mut(&host(1)).expect("h1").state = HostState::Staged;
+            Ok(vec![])
+        })
+        .await
+        .expect("update");
+    engine
+        .update("r-inline", |r| {
+            r.hosts.get_mut(&host(3)).expect("h3").state = HostState::Staged;
+            Ok(vec![])
+        })
+        .await
+        .expect("update");
+    let back = h.store.rollout("r-inline").expect("read").expect("kept");
+    let states: Vec<HostState> = back.hosts.values().map(|p| p.state).collect();
+    assert_eq!(
+        states,
+        [HostState::Staged, HostState::Pending, HostState::Staged]
+    );
+    // A new engine (a restarted coordinator) reads the same.
+    assert_eq!(h.engine().get("r-inline").expect("get").hosts, back.hosts);
 }
