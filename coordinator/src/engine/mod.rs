@@ -129,6 +129,17 @@ pub struct Engine {
     /// The latest written state of each rollout this engine changed: reads
     /// skip decoding the stored record (the engine is its only writer).
     cache: Mutex<HashMap<String, Rollout>>,
+    /// What the reconciler looks at when a host reports: host → rollouts in
+    /// which it was counted unreachable and has not returned yet, or owes a
+    /// fleet rollback ([`needs_reconcile`]). Built from the store on first
+    /// use, kept by [`Engine::update`]; `None` until built.
+    watch: Mutex<Option<HashMap<String, BTreeSet<String>>>>,
+}
+
+/// Whether the reconciler must look at a host of a rollout when it reports.
+fn needs_reconcile(p: &HostProgress) -> bool {
+    (p.failure == Some(Failure::Unreachable) && !p.reason.contains("returned on"))
+        || p.state == HostState::RollbackOwed
 }
 
 /// What an owed rollback was sent for: the host's session and its reported
@@ -189,6 +200,7 @@ impl Engine {
             tasks: tokio_util::task::TaskTracker::new(),
             owed_sent: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
+            watch: Mutex::new(None),
         })
     }
 
@@ -327,6 +339,23 @@ impl Engine {
                 c.remove(id);
             }
             return Err(e.into());
+        }
+        if let Ok(mut w) = self.watch.lock()
+            && let Some(w) = w.as_mut()
+        {
+            let hosts: Box<dyn Iterator<Item = &String>> = if from_cache {
+                Box::new(changed.iter())
+            } else {
+                Box::new(r.hosts.keys())
+            };
+            for h in hosts {
+                let set = w.entry(h.clone()).or_default();
+                if r.hosts.get(h).is_some_and(needs_reconcile) {
+                    set.insert(r.id.clone());
+                } else {
+                    set.remove(&r.id);
+                }
+            }
         }
         if let Ok(mut c) = self.cache.lock() {
             if r.state.is_terminal() {
@@ -1564,13 +1593,46 @@ impl Engine {
         });
     }
 
+    /// The rollouts the reconciler must look at for `host`, newest first
+    /// (see [`Engine::watch`]).
+    fn watched(&self, host: &str) -> Result<Vec<Rollout>, EngineError> {
+        let ids: Vec<String> = {
+            let mut w = self
+                .watch
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if w.is_none() {
+                let mut index: HashMap<String, BTreeSet<String>> = HashMap::new();
+                for r in self.store.rollouts()? {
+                    for (h, p) in &r.hosts {
+                        if needs_reconcile(p) {
+                            index.entry(h.clone()).or_default().insert(r.id.clone());
+                        }
+                    }
+                }
+                *w = Some(index);
+            }
+            w.as_ref()
+                .and_then(|w| w.get(host))
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        let mut v = Vec::new();
+        for id in ids {
+            match self.get(&id) {
+                Ok(r) => v.push(r),
+                Err(EngineError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        v.sort_by_key(|r| std::cmp::Reverse(r.created_at_ms));
+        Ok(v)
+    }
+
     async fn reconcile_returned(&self, host: &str) -> Result<(), EngineError> {
         let rollouts: Vec<Rollout> = self
-            .store
-            .rollouts()?
+            .watched(host)?
             .into_iter()
-            .rev()
-            .take(50)
             .filter(|r| {
                 r.hosts.get(host).is_some_and(|p| {
                     p.failure == Some(Failure::Unreachable) && !p.reason.contains("returned on")
@@ -1644,8 +1706,7 @@ impl Engine {
     /// rollback is complete.
     async fn settle_owed_rollbacks(&self, host: &str) -> Result<(), EngineError> {
         let rollouts: Vec<Rollout> = self
-            .store
-            .rollouts()?
+            .watched(host)?
             .into_iter()
             .filter(|r| r.hosts.get(host).map(|p| p.state) == Some(HostState::RollbackOwed))
             .collect();
