@@ -307,16 +307,33 @@ impl Engine {
         if self.cancel.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
-        let cached = self.cache.lock().ok().and_then(|c| c.get(id).cloned());
+        // Taken out of the cache (no copy) while it changes: a reader in the
+        // meantime reads the store, which has every write.
+        let cached = self.cache.lock().ok().and_then(|mut c| c.remove(id));
         let from_cache = cached.is_some();
         let mut r = match cached {
             Some(r) => r,
             None => self.get(id)?,
         };
         let before = r.clone();
-        let events = f(&mut r)?;
+        // Back into the cache unchanged. Only what came from it: a cached
+        // rollout is one this engine wrote whole, so that later writes may
+        // carry only the hosts that changed.
+        let restore = |before: Rollout| {
+            if from_cache && let Ok(mut c) = self.cache.lock() {
+                c.insert(id.to_string(), before);
+            }
+        };
+        let events = match f(&mut r) {
+            Ok(events) => events,
+            Err(e) => {
+                restore(before);
+                return Err(e);
+            }
+        };
         // Nothing changed, nothing to explain: no write (and no fsync).
         if events.is_empty() && r == before {
+            restore(before);
             return Ok(r);
         }
         r.updated_at_ms = now_ms();
