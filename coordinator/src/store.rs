@@ -275,7 +275,16 @@ impl Store {
     /// waiting at the same time), then honours an armed crash point among
     /// `events` (the events of the caller's write).
     pub async fn flush(&self, events: &[Event]) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(backend("flush"))?;
+        // A blocking flush on the blocking pool: concurrent `flush_async`
+        // futures of sled 0.34 can be left never woken (spacejam/sled#1241).
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Backend {
+                context: "flush".into(),
+                message: e.to_string(),
+            })?
+            .map_err(backend("flush"))?;
         self.crash_point(events);
         Ok(())
     }

@@ -1991,3 +1991,24 @@ async fn a_rollout_is_stored_with_each_host_under_its_own_key() {
     // A new engine (a restarted coordinator) reads the same.
     assert_eq!(h.engine().get("r-inline").expect("get").hosts, back.hosts);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_many_hosts_writes_concurrently_and_finishes() {
+    // 150 hosts in one batch: their results are written (and flushed)
+    // concurrently; every write must complete.
+    let h = Harness::new(150).await;
+    let spec = SPEC_BATCH2_FAST.replace("batch_size = 2", "batch_size = 150");
+    let engine = h.engine();
+    let r = engine.deploy(&spec, &h.digest, h.size).expect("deploy");
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_eq!(r.failures(), 0, "{}", h.dump(&r));
+    assert!(
+        r.hosts.values().all(|p| p.state == HostState::Committed),
+        "{}",
+        h.dump(&r)
+    );
+    let back = h.store.rollout(&r.id).expect("read").expect("kept");
+    assert_eq!(back.hosts, r.hosts);
+    let events = h.store.events(&r.id).expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "probation").count(), 150);
+}
