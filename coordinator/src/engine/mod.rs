@@ -717,10 +717,6 @@ impl Engine {
                     continue;
                 };
                 match res {
-                    Ok(x) if x.ok => {
-                        p.state = HostState::Staged;
-                        events.push(ev(Some(&h), "staged", "release staged"));
-                    }
                     // Cut by the network (or the host is offline): the host
                     // stays pending and is staged again when its batch comes.
                     res if stage_retryable(&res) => {
@@ -734,24 +730,7 @@ impl Engine {
                             format!("staged again when its batch comes: {why}"),
                         ));
                     }
-                    Ok(x) => {
-                        p.state = HostState::Failed;
-                        p.failure = Some(Failure::from_pb(x.failure));
-                        self.fleet.metrics().host_failed(p.failure);
-                        p.reason = x.error.clone();
-                        events.push(ev(
-                            Some(&h),
-                            "host_failed",
-                            format!("stage_failed: {}", x.error),
-                        ));
-                    }
-                    Err(e) => {
-                        p.state = HostState::Failed;
-                        p.failure = Some(Failure::Unreachable);
-                        self.fleet.metrics().host_failed(p.failure);
-                        p.reason = e.to_string();
-                        events.push(ev(Some(&h), "host_failed", format!("unreachable: {e}")));
-                    }
+                    res => events.push(self.record_stage(p, &h, res)),
                 }
             }
             if r.state == RolloutState::Staging {
@@ -1226,33 +1205,44 @@ impl Engine {
             if p.state != HostState::Pending {
                 return Ok(vec![]);
             }
-            Ok(vec![match res {
-                Ok(x) if x.ok => {
-                    p.state = HostState::Staged;
-                    ev(Some(host), "staged", "release staged")
-                }
-                Ok(x) => {
-                    p.state = HostState::Failed;
-                    p.failure = Some(Failure::from_pb(x.failure));
-                    self.fleet.metrics().host_failed(p.failure);
-                    p.reason = x.error.clone();
-                    ev(
-                        Some(host),
-                        "host_failed",
-                        format!("stage_failed: {}", x.error),
-                    )
-                }
-                Err(e) => {
-                    p.state = HostState::Failed;
-                    p.failure = Some(Failure::Unreachable);
-                    self.fleet.metrics().host_failed(p.failure);
-                    p.reason = e.to_string();
-                    ev(Some(host), "host_failed", format!("unreachable: {e}"))
-                }
-            }])
+            Ok(vec![self.record_stage(p, host, res)])
         })
         .await?;
         Ok(staged)
+    }
+
+    /// Records a Stage's final outcome on its host: staged, or failed
+    /// (`stage_failed` with the agent's words, or unreachable).
+    fn record_stage(
+        &self,
+        p: &mut HostProgress,
+        host: &str,
+        res: Result<pb::CommandResult, FleetError>,
+    ) -> Event {
+        match res {
+            Ok(x) if x.ok => {
+                p.state = HostState::Staged;
+                ev(Some(host), "staged", "release staged")
+            }
+            Ok(x) => {
+                p.state = HostState::Failed;
+                p.failure = Some(Failure::from_pb(x.failure));
+                self.fleet.metrics().host_failed(p.failure);
+                p.reason = x.error.clone();
+                ev(
+                    Some(host),
+                    "host_failed",
+                    format!("stage_failed: {}", x.error),
+                )
+            }
+            Err(e) => {
+                p.state = HostState::Failed;
+                p.failure = Some(Failure::Unreachable);
+                self.fleet.metrics().host_failed(p.failure);
+                p.reason = e.to_string();
+                ev(Some(host), "host_failed", format!("unreachable: {e}"))
+            }
+        }
     }
 
     async fn send_activate(
