@@ -98,6 +98,13 @@ pub const CRASH_POINTS: &[&str] = &[
     "aborted",
 ];
 
+/// The part of a rollout that never changes after its creation.
+#[derive(Serialize, serde::Deserialize)]
+struct Plan {
+    batches: std::sync::Arc<Vec<Vec<String>>>,
+    definition: std::sync::Arc<Vec<u8>>,
+}
+
 /// Which hosts' progress [`Store::write_rollout`] writes.
 #[derive(Debug, Clone, Copy)]
 pub enum HostsToWrite<'a> {
@@ -148,6 +155,15 @@ impl Store {
     #[cfg(test)]
     pub fn insert_raw(&self, key: &str, value: Vec<u8>) {
         self.db.insert(key.as_bytes(), value).expect("insert");
+    }
+
+    /// Test-only: the raw bytes under `key`.
+    #[cfg(test)]
+    pub fn raw(&self, key: &str) -> Option<Vec<u8>> {
+        self.db
+            .get(key.as_bytes())
+            .expect("get")
+            .map(|v| v.to_vec())
     }
 
     /// Arms a test-only crash point (one of [`CRASH_POINTS`]). Builds without
@@ -212,10 +228,12 @@ impl Store {
     ///
     /// The record is kept in pieces, so that a host's transition writes a
     /// few hundred bytes whatever the fleet's size: `rollout/<id>` holds the
-    /// rollout without its hosts, `rhost/<id>/<host>` each host's progress
-    /// (`hosts` says which are written). Records of earlier versions, with
-    /// the hosts inline, are read as they are and split on their first write
-    /// (which writes every host).
+    /// rollout's state without its hosts and plan, `rplan/<id>` the plan
+    /// (batches and definition, which never change; written with every
+    /// host), `rhost/<id>/<host>` each host's progress (`hosts` says which
+    /// are written). Records of earlier versions, with the hosts and plan
+    /// inline, are read as they are and split on their first write (which
+    /// writes every host and the plan).
     pub fn write_rollout(
         &self,
         r: &mut Rollout,
@@ -224,9 +242,22 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let key = format!("rollout/{}", r.id);
+        if matches!(hosts, HostsToWrite::All) {
+            let k = format!("rplan/{}", r.id);
+            let plan = Plan {
+                batches: r.batches.clone(),
+                definition: r.definition.clone(),
+            };
+            batch.insert(k.as_bytes(), encode(&k, &plan)?);
+        }
+        // The head: what is left without the hosts and the plan.
         let all = std::mem::take(&mut r.hosts);
+        let batches = std::mem::take(&mut r.batches);
+        let definition = std::mem::take(&mut r.definition);
         let head = encode(&key, &*r);
         r.hosts = all;
+        r.batches = batches;
+        r.definition = definition;
         batch.insert(key.as_bytes(), head?);
         let mut put_host = |h: &str, p: &crate::engine::model::HostProgress| {
             let k = format!("rhost/{}/{h}", r.id);
@@ -299,21 +330,34 @@ impl Store {
         {
             Some(v) => {
                 let mut r: Rollout = decode(key.as_bytes(), &v)?;
-                self.load_hosts(&mut r)?;
+                self.load_parts(&mut r)?;
                 Ok(Some(r))
             }
             None => Ok(None),
         }
     }
 
-    /// Fills in the hosts stored under their own keys (`rhost/<id>/<host>`).
-    fn load_hosts(&self, r: &mut Rollout) -> Result<(), StoreError> {
+    /// Fills in the plan (`rplan/<id>`) and the hosts stored under their own
+    /// keys (`rhost/<id>/<host>`).
+    fn load_parts(&self, r: &mut Rollout) -> Result<(), StoreError> {
+        let k = format!("rplan/{}", r.id);
+        if let Some(v) = self
+            .db
+            .get(k.as_bytes())
+            .map_err(backend("read a rollout's plan"))?
+        {
+            let plan: Plan = decode(k.as_bytes(), &v)?;
+            r.batches = plan.batches;
+            r.definition = plan.definition;
+        }
         let prefix = format!("rhost/{}/", r.id);
         for kv in self.db.scan_prefix(prefix.as_bytes()) {
             let (k, v) = kv.map_err(backend("read a rollout's hosts"))?;
             let host = String::from_utf8_lossy(k.get(prefix.len()..).unwrap_or_default());
             r.hosts.insert(host.into_owned(), decode(&k, &v)?);
         }
+        // As loaded: nothing changed yet.
+        r.hosts.forget_changes();
         Ok(())
     }
 
@@ -321,7 +365,7 @@ impl Store {
     pub fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
         let mut v: Vec<Rollout> = self.scan("rollout/")?;
         for r in &mut v {
-            self.load_hosts(r)?;
+            self.load_parts(r)?;
         }
         v.sort_by_key(|r| r.created_at_ms);
         Ok(v)

@@ -294,12 +294,14 @@ impl Engine {
     }
 
     /// Loads, changes and persists a rollout under its lock; `f` returns the
-    /// events explaining the change.
+    /// events explaining the change. The cost does not grow with the fleet:
+    /// only the hosts `f` changed are compared and written (the rollout's
+    /// [`Hosts`] keeps their earlier values), and the rollout is not copied.
     async fn update(
         &self,
         id: &str,
         f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
-    ) -> Result<Rollout, EngineError> {
+    ) -> Result<(), EngineError> {
         let lock = self.lock_for(id);
         let g = lock.lock().await;
         // Once stopping, commands fail as the agents' streams are closed:
@@ -315,36 +317,43 @@ impl Engine {
             Some(r) => r,
             None => self.get(id)?,
         };
-        let before = r.clone();
-        // Back into the cache unchanged. Only what came from it: a cached
+        r.hosts.forget_changes();
+        // The rollout without its hosts: small (the plan is shared).
+        let head_of = |r: &mut Rollout| {
+            let hosts = std::mem::take(&mut r.hosts);
+            let head = r.clone();
+            r.hosts = hosts;
+            head
+        };
+        let before = head_of(&mut r);
+        // Back into the cache as it was. Only what came from it: a cached
         // rollout is one this engine wrote whole, so that later writes may
         // carry only the hosts that changed.
-        let restore = |before: Rollout| {
+        let restore = |mut r: Rollout, before: Rollout| {
+            r.hosts.undo_changes();
+            let hosts = std::mem::take(&mut r.hosts);
+            let mut r = before;
+            r.hosts = hosts;
             if from_cache && let Ok(mut c) = self.cache.lock() {
-                c.insert(id.to_string(), before);
+                c.insert(id.to_string(), r);
             }
         };
         let events = match f(&mut r) {
             Ok(events) => events,
             Err(e) => {
-                restore(before);
+                restore(r, before);
                 return Err(e);
             }
         };
+        let changed = r.hosts.take_changes();
         // Nothing changed, nothing to explain: no write (and no fsync).
-        if events.is_empty() && r == before {
-            restore(before);
-            return Ok(r);
+        if events.is_empty() && changed.is_empty() && head_of(&mut r) == before {
+            restore(r, before);
+            return Ok(());
         }
         r.updated_at_ms = now_ms();
         // Only the hosts that changed are written (all of them the first
         // time this engine writes the rollout).
-        let changed: Vec<String> = r
-            .hosts
-            .iter()
-            .filter(|(h, p)| before.hosts.get(*h) != Some(*p))
-            .map(|(h, _)| h.clone())
-            .collect();
         let hosts = if from_cache {
             HostsToWrite::Only(&changed)
         } else {
@@ -374,12 +383,12 @@ impl Engine {
                 }
             }
         }
-        if let Ok(mut c) = self.cache.lock() {
-            if r.state.is_terminal() {
-                c.remove(id);
-            } else {
-                c.insert(id.to_string(), r.clone());
-            }
+        let service = r.service.clone();
+        let release = r.release.clone();
+        if let Ok(mut c) = self.cache.lock()
+            && !r.state.is_terminal()
+        {
+            c.insert(id.to_string(), r);
         }
         drop(g);
         // Durable before the caller acts on it; the fsync is shared with the
@@ -387,9 +396,9 @@ impl Engine {
         self.store.flush(&events).await?;
         for e in &events {
             info!(
-                rollout = %r.id,
-                service = %r.service,
-                release = %r.release,
+                rollout = %id,
+                service = %service,
+                release = %release,
                 host = e.host.as_deref().unwrap_or("-"),
                 kind = %e.kind,
                 "{}",
@@ -397,7 +406,18 @@ impl Engine {
             );
         }
         let _ = self.changes.send(id.to_string());
-        Ok(r)
+        Ok(())
+    }
+
+    /// As [`Engine::update`], then the rollout as it is after the change
+    /// (a copy, for an operator's command).
+    async fn update_get(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
+    ) -> Result<Rollout, EngineError> {
+        self.update(id, f).await?;
+        self.get(id)
     }
 
     /// Parses the spec, selects targets and plans batches.
@@ -472,16 +492,16 @@ impl Engine {
             id: id.clone(),
             service: spec.service.clone(),
             release: spec.release.clone(),
-            definition: prost::Message::encode_to_vec(&def),
+            definition: Arc::new(prost::Message::encode_to_vec(&def)),
             failure_budget: planner::failure_budget(&spec.strategy, n),
             strategy: spec.strategy.clone(),
-            batches,
+            batches: Arc::new(batches),
             pause_points,
             state: RolloutState::Staging,
             resume_state: None,
             current_batch: 0,
             aborted: false,
-            hosts,
+            hosts: hosts.into_iter().collect(),
             message: "staging the release on every target".into(),
             created_at_ms: now,
             updated_at_ms: now,
@@ -506,7 +526,7 @@ impl Engine {
 
     /// Pauses a rollout between batches.
     pub async fn pause(&self, id: &str) -> Result<Rollout, EngineError> {
-        self.update(id, |r| match r.state {
+        self.update_get(id, |r| match r.state {
             RolloutState::Staging | RolloutState::Running | RolloutState::WaitingPromote => {
                 r.resume_state = Some(r.state);
                 r.state = RolloutState::Paused;
@@ -524,7 +544,7 @@ impl Engine {
 
     /// Resumes a paused rollout.
     pub async fn resume(&self, id: &str) -> Result<Rollout, EngineError> {
-        self.update(id, |r| match r.state {
+        self.update_get(id, |r| match r.state {
             RolloutState::Paused => {
                 r.state = r.resume_state.take().unwrap_or(RolloutState::Running);
                 r.message = "resumed".into();
@@ -541,7 +561,7 @@ impl Engine {
 
     /// Lets a rollout waiting after a canary stage continue.
     pub async fn promote(&self, id: &str) -> Result<Rollout, EngineError> {
-        self.update(id, |r| match r.state {
+        self.update_get(id, |r| match r.state {
             RolloutState::WaitingPromote => {
                 r.state = RolloutState::Running;
                 r.message = format!("promoted; continuing with batch {}", r.current_batch);
@@ -559,7 +579,7 @@ impl Engine {
     /// Aborts a rollout: no further batch; hosts it changed are rolled back
     /// (with `auto_rollback`).
     pub async fn abort(&self, id: &str) -> Result<Rollout, EngineError> {
-        self.update(id, |r| {
+        self.update_get(id, |r| {
             if r.state.is_terminal() {
                 return Err(EngineError::WrongState {
                     id: r.id.clone(),

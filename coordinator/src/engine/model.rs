@@ -3,6 +3,8 @@
 //! plus what the fleet reports.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
+use std::sync::Arc;
 
 use rollout_proto::pb;
 use serde::{Deserialize, Serialize};
@@ -167,6 +169,102 @@ pub struct HostProgress {
     pub previous_release: Option<String>,
 }
 
+/// Per-host progress of a rollout, keyed by host name: a map that remembers
+/// which hosts were changed since [`Hosts::take_changes`] and what they were
+/// before, so that a change to one host of a large fleet is found, written
+/// and undone without comparing or copying the others. Reads go through
+/// `Deref` to the map; every change goes through [`Hosts::get_mut`] or
+/// [`Hosts::insert`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Hosts {
+    map: BTreeMap<String, HostProgress>,
+    /// Each host changed since the last `take_changes`, with its progress
+    /// before the first change (`None`: it was not there).
+    #[serde(skip)]
+    before: BTreeMap<String, Option<HostProgress>>,
+}
+
+impl Hosts {
+    /// A host's progress, to change.
+    pub fn get_mut(&mut self, host: &str) -> Option<&mut HostProgress> {
+        let p = self.map.get_mut(host)?;
+        if !self.before.contains_key(host) {
+            self.before.insert(host.to_string(), Some(p.clone()));
+        }
+        Some(p)
+    }
+
+    /// Adds or replaces a host's progress.
+    pub fn insert(&mut self, host: String, p: HostProgress) -> Option<HostProgress> {
+        if !self.before.contains_key(&host) {
+            self.before
+                .insert(host.clone(), self.map.get(&host).cloned());
+        }
+        self.map.insert(host, p)
+    }
+
+    /// The hosts whose progress differs from what it was at the previous
+    /// call (a host changed and changed back is not one); forgets the
+    /// earlier values.
+    pub fn take_changes(&mut self) -> Vec<String> {
+        let before = std::mem::take(&mut self.before);
+        before
+            .into_iter()
+            .filter(|(h, p)| self.map.get(h) != p.as_ref())
+            .map(|(h, _)| h)
+            .collect()
+    }
+
+    /// Puts back every host changed since the previous
+    /// [`Hosts::take_changes`] as it was then.
+    pub fn undo_changes(&mut self) {
+        for (h, p) in std::mem::take(&mut self.before) {
+            match p {
+                Some(p) => self.map.insert(h, p),
+                None => self.map.remove(&h),
+            };
+        }
+    }
+
+    /// Forgets what was changed (the current values become the reference).
+    pub fn forget_changes(&mut self) {
+        self.before.clear();
+    }
+}
+
+impl Deref for Hosts {
+    type Target = BTreeMap<String, HostProgress>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl PartialEq for Hosts {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl FromIterator<(String, HostProgress)> for Hosts {
+    fn from_iter<I: IntoIterator<Item = (String, HostProgress)>>(iter: I) -> Self {
+        Hosts {
+            map: iter.into_iter().collect(),
+            before: BTreeMap::new(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Hosts {
+    type Item = (&'a String, &'a HostProgress);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, HostProgress>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}
+
 /// A rollout as persisted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
@@ -176,12 +274,13 @@ pub struct Rollout {
     pub service: String,
     /// Release id.
     pub release: String,
-    /// The definition sent to agents (protobuf bytes).
-    pub definition: Vec<u8>,
+    /// The definition sent to agents (protobuf bytes). Shared: it never
+    /// changes after creation, so a copy of the rollout does not copy it.
+    pub definition: Arc<Vec<u8>>,
     /// Strategy from the spec.
     pub strategy: Strategy,
-    /// Hosts per batch, in order.
-    pub batches: Vec<Vec<String>>,
+    /// Hosts per batch, in order. Shared: it never changes after creation.
+    pub batches: Arc<Vec<Vec<String>>>,
     /// Batches after which to wait for `promote`.
     pub pause_points: BTreeSet<usize>,
     /// State.
@@ -194,7 +293,7 @@ pub struct Rollout {
     #[serde(default)]
     pub aborted: bool,
     /// Per-host progress.
-    pub hosts: BTreeMap<String, HostProgress>,
+    pub hosts: Hosts,
     /// Failure budget in hosts.
     pub failure_budget: usize,
     /// Last notable message.
@@ -324,4 +423,80 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(state: HostState) -> HostProgress {
+        HostProgress {
+            state,
+            batch: 0,
+            failure: None,
+            reason: String::new(),
+            previous_release: None,
+        }
+    }
+
+    fn hosts(n: usize) -> Hosts {
+        (1..=n)
+            .map(|i| (format!("h{i}"), progress(HostState::Pending)))
+            .collect()
+    }
+
+    #[test]
+    fn hosts_name_exactly_the_hosts_that_changed() {
+        let mut h = hosts(5);
+        assert!(h.take_changes().is_empty());
+        if let Some(p) = h.get_mut("h2") {
+            p.state = HostState::Committed;
+        }
+        // Changed and changed back: not a change.
+        if let Some(p) = h.get_mut("h4") {
+            p.state = HostState::Staged;
+        }
+        if let Some(p) = h.get_mut("h4") {
+            p.state = HostState::Pending;
+        }
+        // Looked at for a change, left as it was: not a change.
+        let _ = h.get_mut("h5");
+        h.insert("h9".into(), progress(HostState::Staged));
+        assert_eq!(h.take_changes(), ["h2", "h9"]);
+        // Taken: the next round starts from the current values.
+        assert!(h.take_changes().is_empty());
+        assert_eq!(h["h2"].state, HostState::Committed);
+    }
+
+    #[test]
+    fn hosts_undo_puts_back_every_change_since_the_last_take() {
+        let mut h = hosts(3);
+        let before = h.clone();
+        if let Some(p) = h.get_mut("h1") {
+            p.state = HostState::Failed;
+            p.reason = "x".into();
+        }
+        if let Some(p) = h.get_mut("h1") {
+            p.state = HostState::RolledBack;
+        }
+        h.insert("h3".into(), progress(HostState::Committed));
+        h.insert("h7".into(), progress(HostState::Committed));
+        assert_ne!(h, before);
+        h.undo_changes();
+        assert_eq!(h, before);
+        assert!(h.take_changes().is_empty());
+    }
+
+    #[test]
+    fn hosts_serialize_as_a_plain_map() {
+        let mut h = hosts(2);
+        let _ = h.get_mut("h1");
+        let json = serde_json::to_string(&h).expect("encode");
+        assert_eq!(
+            serde_json::from_str::<BTreeMap<String, HostProgress>>(&json).expect("as a map"),
+            *h
+        );
+        let back: Hosts = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, h);
+    }
 }

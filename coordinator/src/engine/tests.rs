@@ -641,16 +641,16 @@ impl Harness {
             id: id.to_string(),
             service: spec.service.clone(),
             release: spec.release.clone(),
-            definition: prost::Message::encode_to_vec(&def),
+            definition: prost::Message::encode_to_vec(&def).into(),
             failure_budget: planner::failure_budget(&spec.strategy, n),
             pause_points: planner::pause_points(&batches, &spec.strategy),
             strategy: spec.strategy.clone(),
-            batches,
+            batches: batches.into(),
             state,
             resume_state: None,
             current_batch,
             aborted: false,
-            hosts: progress,
+            hosts: progress.into_iter().collect(),
             message: "persisted by a test".into(),
             created_at_ms: now,
             updated_at_ms: now,
@@ -700,7 +700,7 @@ async fn deploy_updates_every_host_once_in_batch_order() {
         .deploy(SPEC_BATCH2, &h.digest, h.size)
         .expect("deploy");
     assert_eq!(
-        r.batches,
+        *r.batches,
         vec![
             vec![host(1), host(2)],
             vec![host(3), host(4)],
@@ -1941,6 +1941,13 @@ async fn a_rollout_is_stored_with_each_host_under_its_own_key() {
         &[],
     );
     assert_eq!(h.get("r-split"), r);
+    // The head holds neither hosts nor plan: its size does not grow with
+    // the fleet. The plan is written once, under its own key.
+    let head = h.store.raw("rollout/r-split").expect("head");
+    let head = String::from_utf8_lossy(&head);
+    assert!(!head.contains(&host(1)), "{head}");
+    let plan = h.store.raw("rplan/r-split").expect("plan");
+    assert!(String::from_utf8_lossy(&plan).contains(&host(3)));
     // One host changed and named: it and the head are written.
     let mut r2 = r.clone();
     r2.message = "changed".into();
@@ -1990,6 +1997,51 @@ async fn a_rollout_is_stored_with_each_host_under_its_own_key() {
     );
     // A new engine (a restarted coordinator) reads the same.
     assert_eq!(h.engine().get("r-inline").expect("get").hosts, back.hosts);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_change_leaves_the_rollout_as_it_was() {
+    let h = Harness::new(3).await;
+    let spec = parse_spec(SPEC_BATCH2, Path::new(".")).expect("spec");
+    let hosts: Vec<String> = (1..=3).map(host).collect();
+    let r = h.persist_hosts("r-undo", spec, hosts, RolloutState::Paused, 0, &[]);
+    let engine = h.engine();
+    // Into the engine's cache.
+    engine
+        .update("r-undo", |r| {
+            r.hosts.get_mut(&host(1)).expect("h1").state = HostState::Staged;
+            Ok(vec![])
+        })
+        .await
+        .expect("update");
+    let kept = engine.get("r-undo").expect("get");
+    assert_ne!(kept, r);
+    let err = engine
+        .update("r-undo", |r| {
+            r.hosts.get_mut(&host(2)).expect("h2").state = HostState::Failed;
+            r.hosts.get_mut(&host(1)).expect("h1").state = HostState::Committed;
+            r.message = "half done".into();
+            Err(crate::engine::EngineError::NotFound("on purpose".into()))
+        })
+        .await;
+    assert!(err.is_err());
+    assert_eq!(engine.get("r-undo").expect("get"), kept);
+    // The next change is written from the state before the failed one.
+    engine
+        .update("r-undo", |r| {
+            r.hosts.get_mut(&host(3)).expect("h3").state = HostState::Staged;
+            Ok(vec![])
+        })
+        .await
+        .expect("update");
+    let stored = h.store.rollout("r-undo").expect("read").expect("kept");
+    let states: Vec<HostState> = stored.hosts.values().map(|p| p.state).collect();
+    assert_eq!(
+        states,
+        [HostState::Staged, HostState::Pending, HostState::Staged]
+    );
+    assert_eq!(stored.message, kept.message);
+    assert_eq!(engine.get("r-undo").expect("get").hosts, stored.hosts);
 }
 
 #[tokio::test(flavor = "multi_thread")]
