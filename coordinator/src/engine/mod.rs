@@ -171,6 +171,13 @@ fn transport_cut(res: &Result<pb::CommandResult, FleetError>) -> bool {
     )
 }
 
+/// What [`Engine::apply`] wrote, for the log once it is durable.
+struct Written {
+    events: Vec<Event>,
+    service: String,
+    release: String,
+}
+
 fn ev(host: Option<&str>, kind: &str, message: impl Into<String>) -> Event {
     Event {
         seq: 0,
@@ -285,7 +292,13 @@ impl Engine {
 
     /// One rollout.
     pub fn get(&self, id: &str) -> Result<Rollout, EngineError> {
-        if let Some(r) = self.cache.lock().ok().and_then(|c| c.get(id).cloned()) {
+        if let Some(r) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+        {
             return Ok(r);
         }
         self.store
@@ -295,8 +308,10 @@ impl Engine {
 
     /// Loads, changes and persists a rollout under its lock; `f` returns the
     /// events explaining the change. The cost does not grow with the fleet:
-    /// only the hosts `f` changed are compared and written (the rollout's
-    /// [`Hosts`] keeps their earlier values), and the rollout is not copied.
+    /// the rollout is changed in place in the cache (readers never miss it
+    /// and fall back to the store), and only the hosts `f` changed are
+    /// compared and written (the rollout's [`Hosts`] keeps their earlier
+    /// values).
     async fn update(
         &self,
         id: &str,
@@ -309,13 +324,50 @@ impl Engine {
         if self.cancel.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
-        // Taken out of the cache (no copy) while it changes: a reader in the
-        // meantime reads the store, which has every write.
-        let cached = self.cache.lock().ok().and_then(|mut c| c.remove(id));
-        let from_cache = cached.is_some();
-        let mut r = match cached {
-            Some(r) => r,
-            None => self.get(id)?,
+        let Some(written) = self.apply(id, f)? else {
+            return Ok(());
+        };
+        drop(g);
+        // Durable before the caller acts on it; the fsync is shared with the
+        // other rollouts' and hosts' writes waiting at the same time.
+        self.store.flush(&written.events).await?;
+        for e in &written.events {
+            info!(
+                rollout = %id,
+                service = %written.service,
+                release = %written.release,
+                host = e.host.as_deref().unwrap_or("-"),
+                kind = %e.kind,
+                "{}",
+                e.message
+            );
+        }
+        let _ = self.changes.send(id.to_string());
+        Ok(())
+    }
+
+    /// The synchronous part of [`Engine::update`], under the cache's lock:
+    /// changes the rollout in place and writes it (unflushed). `None`: no
+    /// change, nothing written. On an error the rollout is left as it was.
+    fn apply(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
+    ) -> Result<Option<Written>, EngineError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // A rollout read from the store now is written whole the first
+        // time (it may be a record of an earlier version); one from the
+        // cache is one this engine wrote, so only its changed hosts are.
+        let loaded = !cache.contains_key(id);
+        if loaded {
+            let r = self
+                .store
+                .rollout(id)?
+                .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+            cache.insert(id.to_string(), r);
+        }
+        let Some(r) = cache.get_mut(id) else {
+            return Err(EngineError::NotFound(id.to_string()));
         };
         r.hosts.forget_changes();
         // The rollout without its hosts: small (the plan is shared).
@@ -325,54 +377,51 @@ impl Engine {
             r.hosts = hosts;
             head
         };
-        let before = head_of(&mut r);
-        // Back into the cache as it was. Only what came from it: a cached
-        // rollout is one this engine wrote whole, so that later writes may
-        // carry only the hosts that changed.
-        let restore = |mut r: Rollout, before: Rollout| {
+        let before = head_of(r);
+        // Back as it was (the hosts `f` changed, and the head).
+        let undo = |r: &mut Rollout, before: Rollout| {
             r.hosts.undo_changes();
             let hosts = std::mem::take(&mut r.hosts);
-            let mut r = before;
+            *r = before;
             r.hosts = hosts;
-            if from_cache && let Ok(mut c) = self.cache.lock() {
-                c.insert(id.to_string(), r);
-            }
         };
-        let events = match f(&mut r) {
+        // Only a rollout this engine has written stays cached.
+        let events = match f(r) {
             Ok(events) => events,
             Err(e) => {
-                restore(r, before);
+                undo(r, before);
+                if loaded {
+                    cache.remove(id);
+                }
                 return Err(e);
             }
         };
         let changed = r.hosts.take_changes();
         // Nothing changed, nothing to explain: no write (and no fsync).
-        if events.is_empty() && changed.is_empty() && head_of(&mut r) == before {
-            restore(r, before);
-            return Ok(());
+        if events.is_empty() && changed.is_empty() && head_of(r) == before {
+            if loaded {
+                cache.remove(id);
+            }
+            return Ok(None);
         }
         r.updated_at_ms = now_ms();
-        // Only the hosts that changed are written (all of them the first
-        // time this engine writes the rollout).
-        let hosts = if from_cache {
-            HostsToWrite::Only(&changed)
-        } else {
+        let hosts = if loaded {
             HostsToWrite::All
+        } else {
+            HostsToWrite::Only(&changed)
         };
-        if let Err(e) = self.store.write_rollout(&mut r, hosts, &events) {
+        if let Err(e) = self.store.write_rollout(r, hosts, &events) {
             // What is stored is unknown now: read it back next time.
-            if let Ok(mut c) = self.cache.lock() {
-                c.remove(id);
-            }
+            cache.remove(id);
             return Err(e.into());
         }
         if let Ok(mut w) = self.watch.lock()
             && let Some(w) = w.as_mut()
         {
-            let hosts: Box<dyn Iterator<Item = &String>> = if from_cache {
-                Box::new(changed.iter())
-            } else {
+            let hosts: Box<dyn Iterator<Item = &String>> = if loaded {
                 Box::new(r.hosts.keys())
+            } else {
+                Box::new(changed.iter())
             };
             for h in hosts {
                 let set = w.entry(h.clone()).or_default();
@@ -383,30 +432,15 @@ impl Engine {
                 }
             }
         }
-        let service = r.service.clone();
-        let release = r.release.clone();
-        if let Ok(mut c) = self.cache.lock()
-            && !r.state.is_terminal()
-        {
-            c.insert(id.to_string(), r);
+        let written = Written {
+            events,
+            service: r.service.clone(),
+            release: r.release.clone(),
+        };
+        if r.state.is_terminal() {
+            cache.remove(id);
         }
-        drop(g);
-        // Durable before the caller acts on it; the fsync is shared with the
-        // other rollouts' and hosts' writes waiting at the same time.
-        self.store.flush(&events).await?;
-        for e in &events {
-            info!(
-                rollout = %id,
-                service = %service,
-                release = %release,
-                host = e.host.as_deref().unwrap_or("-"),
-                kind = %e.kind,
-                "{}",
-                e.message
-            );
-        }
-        let _ = self.changes.send(id.to_string());
-        Ok(())
+        Ok(Some(written))
     }
 
     /// As [`Engine::update`], then the rollout as it is after the change

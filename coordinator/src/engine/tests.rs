@@ -1975,6 +1975,12 @@ async fn a_rollout_is_stored_with_each_host_under_its_own_key() {
     );
     assert_eq!(h.get("r-inline"), old);
     let engine = h.engine();
+    // A change that changes nothing writes nothing, and does not count as
+    // the engine's first write.
+    engine
+        .update("r-inline", |_| Ok(vec![]))
+        .await
+        .expect("no-op");
     engine
         .update("r-inline", |r| {
             r.hosts.get_mut(&host(1)).expect("h1").state = HostState::Staged;
