@@ -119,6 +119,24 @@ pub enum HostsToWrite<'a> {
 pub struct Store {
     db: sled::Db,
     crash_at: Option<String>,
+    group: std::sync::Arc<GroupFlush>,
+}
+
+/// Group commit for [`Store::flush`]: one fsync at a time, each covering
+/// every write made before it started, so that the writers of a batch's
+/// results share a few fsyncs instead of each starting its own (on its own
+/// blocking thread).
+#[derive(Debug, Default)]
+struct GroupFlush {
+    /// Writes so far (each [`Store::write_rollout`] counts one).
+    written: std::sync::atomic::AtomicU64,
+    /// Writes known durable: the `written` count when the last completed
+    /// flush started.
+    durable: std::sync::atomic::AtomicU64,
+    /// Held by the one flush in progress.
+    running: tokio::sync::Mutex<()>,
+    /// fsyncs done by [`Store::flush`].
+    fsyncs: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -131,7 +149,11 @@ impl Store {
                 context: format!("open {}", dir.display()),
                 message: e.to_string(),
             })?;
-        Ok(Store { db, crash_at: None })
+        Ok(Store {
+            db,
+            crash_at: None,
+            group: Default::default(),
+        })
     }
 
     /// Test-only: opens `dir` again right after this process dropped its
@@ -299,25 +321,49 @@ impl Store {
             k.extend_from_slice(&seq.to_be_bytes());
             batch.insert(k, encode("event", &ev)?);
         }
-        self.db.apply_batch(batch).map_err(backend("write rollout"))
+        self.db
+            .apply_batch(batch)
+            .map_err(backend("write rollout"))?;
+        self.group
+            .written
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
-    /// Makes every write so far durable (one fsync shared by the writers
-    /// waiting at the same time), then honours an armed crash point among
-    /// `events` (the events of the caller's write).
+    /// Makes every write so far durable, then honours an armed crash point
+    /// among `events` (the events of the caller's write). Group commit: a
+    /// caller whose write an fsync started after it already covers returns
+    /// without one; the others wait for the fsync in progress and start the
+    /// next, which covers all of them.
     pub async fn flush(&self, events: &[Event]) -> Result<(), StoreError> {
-        // A blocking flush on the blocking pool: concurrent `flush_async`
-        // futures of sled 0.34 can be left never woken (spacejam/sled#1241).
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Backend {
-                context: "flush".into(),
-                message: e.to_string(),
-            })?
-            .map_err(backend("flush"))?;
+        use std::sync::atomic::Ordering::SeqCst;
+        let mine = self.group.written.load(SeqCst);
+        if self.group.durable.load(SeqCst) < mine {
+            let _running = self.group.running.lock().await;
+            if self.group.durable.load(SeqCst) < mine {
+                let upto = self.group.written.load(SeqCst);
+                // A blocking flush on the blocking pool: concurrent
+                // `flush_async` futures of sled 0.34 can be left never woken
+                // (spacejam/sled#1241).
+                let db = self.db.clone();
+                tokio::task::spawn_blocking(move || db.flush())
+                    .await
+                    .map_err(|e| StoreError::Backend {
+                        context: "flush".into(),
+                        message: e.to_string(),
+                    })?
+                    .map_err(backend("flush"))?;
+                self.group.durable.fetch_max(upto, SeqCst);
+                self.group.fsyncs.fetch_add(1, SeqCst);
+            }
+        }
         self.crash_point(events);
         Ok(())
+    }
+
+    /// How many fsyncs [`Store::flush`] has done.
+    pub fn flushes(&self) -> u64 {
+        self.group.fsyncs.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// One rollout.
@@ -593,6 +639,69 @@ mod join_tests {
             handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
         });
         assert_eq!(wins, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn writers_waiting_together_share_one_fsync() {
+        use crate::engine::model::{HostProgress, HostState, Hosts, Rollout, RolloutState};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let rollout = |i: usize| Rollout {
+            id: format!("r-{i}"),
+            service: "web".into(),
+            release: "v2".into(),
+            definition: Default::default(),
+            strategy: Default::default(),
+            batches: std::sync::Arc::new(vec![vec!["h1".into()]]),
+            pause_points: Default::default(),
+            state: RolloutState::Running,
+            resume_state: None,
+            current_batch: 0,
+            aborted: false,
+            hosts: Hosts::from_iter([(
+                "h1".to_string(),
+                HostProgress {
+                    state: HostState::Pending,
+                    batch: 0,
+                    failure: None,
+                    reason: String::new(),
+                    previous_release: None,
+                },
+            )]),
+            failure_budget: 0,
+            message: String::new(),
+            created_at_ms: T0,
+            updated_at_ms: T0,
+        };
+        // 32 writers write, then all flush at once: the first fsync covers
+        // every write, so it is the only one.
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    store
+                        .write_rollout(&mut rollout(i), HostsToWrite::All, &[])
+                        .expect("write");
+                    barrier.wait().await;
+                    store.flush(&[]).await.expect("flush");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(store.flushes(), 1);
+        // A write after it needs a flush of its own; one already covered
+        // does not.
+        store.flush(&[]).await.expect("flush");
+        assert_eq!(store.flushes(), 1);
+        store
+            .write_rollout(&mut rollout(99), HostsToWrite::All, &[])
+            .expect("write");
+        store.flush(&[]).await.expect("flush");
+        assert_eq!(store.flushes(), 2);
+        assert_eq!(store.rollouts().expect("read").len(), 33);
     }
 
     #[test]
