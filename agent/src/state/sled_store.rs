@@ -12,6 +12,17 @@ use serde::de::DeserializeOwned;
 
 use super::{HistoryEntry, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write};
 
+/// sled's page cache (its default is 1 GiB). The agent reads a few records
+/// per service and the newest history lines; the cache bounds the memory that
+/// an ever longer history would otherwise keep resident.
+const CACHE_CAPACITY_BYTES: u64 = 2 << 20;
+
+/// Period of sled's background flusher (its default is 500 ms). Every
+/// [`StateStore::commit`] flushes (fsync) before it returns, so durability
+/// never waits for the flusher; what is left to it is reclaiming log segments,
+/// which can wait seconds, and an idle agent should not wake twice a second.
+const FLUSH_EVERY_MS: u64 = 10_000;
+
 /// The agent's sled database.
 #[derive(Debug, Clone)]
 pub struct SledStore {
@@ -74,6 +85,8 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(CACHE_CAPACITY_BYTES)
+            .flush_every_ms(Some(FLUSH_EVERY_MS))
             .open()
             .map_err(backend(format!("open {}", dir.display())))?;
         Ok(SledStore { db })
