@@ -9,11 +9,15 @@
 //! start is meaningless (0 or the average since boot), and readings closer than
 //! [`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`] (200 ms on Linux) are not updated.
 //! A process's CPU % is a share of one core, so a process tree can exceed 100.
+//!
+//! Sampling a process tree reads only the tree's own processes; finding its
+//! descendants means listing every process, which is done only when the
+//! caller's last listing is older than it allows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sysinfo::{
     CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, MemoryRefreshKind, Pid, ProcessRefreshKind,
@@ -24,9 +28,12 @@ use sysinfo::{
 pub trait HostStats: Send + 'static {
     /// Refresh and return host figures.
     fn host(&mut self) -> HostSample;
-    /// RSS (bytes) and CPU% (share of one core) of a process and all its
-    /// descendants; `None` if the pid is gone (or a zombie).
-    fn process_tree(&mut self, pid: u32) -> Option<ProcessSample>;
+    /// RSS (bytes) and CPU% (share of one core, since the previous sample of
+    /// the same tree) of a process and all its descendants; `None` if the pid
+    /// is gone (or a zombie). The descendants are listed afresh when the
+    /// latest listing for this tree is `members_max_age` old or older (zero:
+    /// every time); in between, processes the tree gained are not seen.
+    fn process_tree(&mut self, pid: u32, members_max_age: Duration) -> Option<ProcessSample>;
     /// Whether a process with this pid exists and (if given) has this start time
     /// (seconds since epoch, as sysinfo reports) — used to adopt processes after an
     /// agent restart. A zombie does not count as alive.
@@ -70,28 +77,38 @@ pub struct ProcessSample {
 
 /// [`HostStats`] backed by sysinfo.
 ///
-/// It keeps three `System`s because sysinfo's CPU figures are differences against
-/// the previous refresh of the same `System`: refreshing a process for a liveness
-/// check would reset its CPU baseline, and a host CPU refresh would shift the
-/// interval that process CPU is divided by.
+/// Host CPU and liveness lookups use separate `System`s because sysinfo's CPU
+/// figures are differences against the previous refresh of the same `System`.
+/// Process trees take their CPU % from the processes' accumulated CPU time
+/// instead, as differences against the previous sample of the same tree, so
+/// that trees sampled at different times and paces never disturb each other.
 pub struct SysinfoStats {
     /// Host CPU and memory; refreshed only by [`HostStats::host`].
     host: System,
-    /// All processes with memory and CPU; refreshed only by
-    /// [`HostStats::process_tree`], at most once per CPU update interval.
-    tree: System,
-    /// When `tree` was last refreshed; several services sampled in one tick share
-    /// one refresh instead of resetting each other's CPU baselines.
-    tree_refreshed: Option<Instant>,
+    /// Memory and CPU time of the members of sampled trees; refreshed only
+    /// for the members of the tree being sampled.
+    members: System,
+    /// Sampled trees by root pid.
+    trees: HashMap<u32, Tree>,
     /// Liveness, start times and cwds; refreshed with nothing but what is asked.
     lookup: System,
+}
+
+/// One sampled process tree.
+#[derive(Debug)]
+struct Tree {
+    /// The root and its descendants at the latest listing.
+    members: Vec<Pid>,
+    /// When `members` was listed.
+    listed: Instant,
+    /// The latest sample: when, its figures, and each member's CPU time (ms).
+    sampled: Option<(Instant, ProcessSample, HashMap<Pid, u64>)>,
 }
 
 impl fmt::Debug for SysinfoStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SysinfoStats")
-            .field("processes_in_tree", &self.tree.processes().len())
-            .field("tree_refreshed", &self.tree_refreshed)
+            .field("trees", &self.trees)
             .finish_non_exhaustive()
     }
 }
@@ -103,8 +120,8 @@ impl SysinfoStats {
     pub fn new() -> Result<Self, sysinfo::Error> {
         Ok(SysinfoStats {
             host: System::new()?,
-            tree: System::new()?,
-            tree_refreshed: None,
+            members: System::new()?,
+            trees: HashMap::new(),
             lookup: System::new()?,
         })
     }
@@ -120,26 +137,73 @@ impl SysinfoStats {
         self.lookup.process(pid).filter(|p| is_live(p))
     }
 
-    fn refresh_tree(&mut self) {
-        if self
-            .tree_refreshed
-            .is_some_and(|at| at.elapsed() < MINIMUM_CPU_UPDATE_INTERVAL)
-        {
-            return;
+    /// Lists the descendants of `root` afresh, and forgets the trees whose
+    /// root is gone.
+    fn list_tree(&mut self, root: u32, now: Instant) -> Result<(), sysinfo::Error> {
+        let parents = parents();
+        self.trees.retain(|r, _| parents.contains_key(r));
+        let members = descendants(root, &parents);
+        let tree = self.trees.entry(root).or_insert_with(|| Tree {
+            members: Vec::new(),
+            listed: now,
+            sampled: None,
+        });
+        tree.members = members.into_iter().map(Pid::from_u32).collect();
+        tree.listed = now;
+        // Processes of forgotten trees (and former members) would stay in
+        // `members` for good: start it afresh once it holds more than the
+        // trees do. CPU times are absolute, so nothing is lost.
+        let wanted: usize = self.trees.values().map(|t| t.members.len()).sum();
+        if self.members.processes().len() > wanted {
+            self.members = System::new()?;
         }
-        // All processes, because descendants are found through their parent pid;
-        // without tasks, because threads listed as processes would count the
-        // shared memory of a process once per thread.
-        self.tree.refresh_processes_specifics(
-            ProcessesToUpdate::All,
-            true,
-            ProcessRefreshKind::nothing()
-                .with_memory()
-                .with_cpu()
-                .without_tasks(),
-        );
-        self.tree_refreshed = Some(Instant::now());
+        Ok(())
     }
+}
+
+/// Parent pid of every process, from `/proc/<pid>/stat`: one small read per
+/// process, where a sysinfo refresh of all processes reads several files each.
+fn parents() -> HashMap<u32, u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parent_in_stat(&stat)?))
+        })
+        .collect()
+}
+
+/// The parent pid in the text of `/proc/<pid>/stat`. Fields are counted after
+/// the command name's closing parenthesis: the name itself may contain
+/// spaces and parentheses.
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let _state = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
+/// `root` and every descendant of it, root first.
+fn descendants(root: u32, parents: &HashMap<u32, u32>) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (&child, &parent) in parents {
+        children.entry(parent).or_default().push(child);
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        out.push(pid);
+        if let Some(kids) = children.get(&pid) {
+            stack.extend(kids.iter().copied());
+        }
+    }
+    out
 }
 
 fn is_live(p: &sysinfo::Process) -> bool {
@@ -160,32 +224,58 @@ impl HostStats for SysinfoStats {
         }
     }
 
-    fn process_tree(&mut self, pid: u32) -> Option<ProcessSample> {
-        // Checked fresh: `tree` may be up to one interval old.
+    fn process_tree(&mut self, pid: u32, members_max_age: Duration) -> Option<ProcessSample> {
+        // Checked fresh: the listing may be older.
         self.lookup(pid)?;
-        self.refresh_tree();
+        let now = Instant::now();
+        let previous = self.trees.get(&pid);
+        if let Some((at, last, _)) = previous.and_then(|t| t.sampled.as_ref())
+            && now.duration_since(*at) < MINIMUM_CPU_UPDATE_INTERVAL
+        {
+            return Some(*last);
+        }
+        if previous.is_none_or(|t| now.duration_since(t.listed) >= members_max_age) {
+            self.list_tree(pid, now).ok()?;
+        }
+        let tree = self.trees.get_mut(&pid)?;
+        // Without tasks, because threads listed as processes would count the
+        // shared memory of a process once per thread.
+        self.members.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&tree.members),
+            true,
+            ProcessRefreshKind::nothing()
+                .with_memory()
+                .with_cpu()
+                .without_tasks(),
+        );
         let root = Pid::from_u32(pid);
-        let processes = self.tree.processes();
-        if !processes.get(&root).is_some_and(is_live) {
+        if !self.members.process(root).is_some_and(is_live) {
+            self.trees.remove(&pid);
             return None;
         }
-        let mut children: HashMap<Pid, Vec<Pid>> = HashMap::new();
-        for (child, p) in processes {
-            if let Some(parent) = p.parent() {
-                children.entry(parent).or_default().push(*child);
-            }
-        }
+        let before = tree.sampled.as_ref();
         let mut sample = ProcessSample::default();
-        let mut stack = vec![root];
-        while let Some(pid) = stack.pop() {
-            if let Some(p) = processes.get(&pid).filter(|p| is_live(p)) {
-                sample.rss_bytes = sample.rss_bytes.saturating_add(p.memory());
-                sample.cpu_percent += f64::from(p.cpu_usage());
+        let mut cpu_ms = HashMap::with_capacity(tree.members.len());
+        let mut used_ms = 0u64;
+        for member in &tree.members {
+            let Some(p) = self.members.process(*member).filter(|p| is_live(p)) else {
+                continue;
+            };
+            sample.rss_bytes = sample.rss_bytes.saturating_add(p.memory());
+            let t = p.accumulated_cpu_time();
+            // A member new since the previous sample counts from its second.
+            if let Some(b) = before.and_then(|(_, _, ms)| ms.get(member)) {
+                used_ms = used_ms.saturating_add(t.saturating_sub(*b));
             }
-            if let Some(kids) = children.get(&pid) {
-                stack.extend(kids.iter().copied().filter(|k| *k != pid));
+            cpu_ms.insert(*member, t);
+        }
+        if let Some((at, _, _)) = before {
+            let secs = now.duration_since(*at).as_secs_f64();
+            if secs > 0.0 {
+                sample.cpu_percent = used_ms as f64 / 1000.0 / secs * 100.0;
             }
         }
+        tree.sampled = Some((now, sample, cpu_ms));
         Some(sample)
     }
 
@@ -248,7 +338,6 @@ pub fn disk_free(path: &Path) -> std::io::Result<u64> {
 mod tests {
     use super::*;
     use std::process::{Child, Command, Stdio};
-    use std::time::Duration;
 
     /// Kills the child when the test ends, passed or not.
     struct Reaped(Child);
@@ -274,7 +363,7 @@ mod tests {
     fn own_process_has_resident_memory() {
         let mut stats = SysinfoStats::new().expect("sysinfo");
         let own = stats
-            .process_tree(std::process::id())
+            .process_tree(std::process::id(), Duration::ZERO)
             .expect("the test process exists");
         assert!(own.rss_bytes > 0, "{own:?}");
         let host = stats.host();
@@ -289,10 +378,10 @@ mod tests {
         let mut stats = SysinfoStats::new().expect("sysinfo");
         let mut child = spawn(Command::new("sleep").arg("5"));
         let pid = child.0.id();
-        assert!(stats.process_tree(pid).is_some());
+        assert!(stats.process_tree(pid, Duration::ZERO).is_some());
         // It is also a descendant of the test process.
         let tree = stats
-            .process_tree(std::process::id())
+            .process_tree(std::process::id(), Duration::ZERO)
             .expect("test process");
         assert!(tree.rss_bytes > 0);
 
@@ -303,7 +392,7 @@ mod tests {
 
         child.0.kill().expect("kill");
         child.0.wait().expect("wait");
-        assert_eq!(stats.process_tree(pid), None);
+        assert_eq!(stats.process_tree(pid, Duration::ZERO), None);
         assert!(!stats.process_alive(pid, None));
         assert_eq!(stats.process_start_time(pid), None);
     }
@@ -315,7 +404,7 @@ mod tests {
         let pid = child.id();
         child.wait().expect("wait");
         assert!(!stats.process_alive(pid, None));
-        assert_eq!(stats.process_tree(pid), None);
+        assert_eq!(stats.process_tree(pid, Duration::ZERO), None);
     }
 
     #[test]
@@ -337,10 +426,10 @@ mod tests {
         let child = spawn(Command::new("sh").args(["-c", "while :; do :; done"]));
         let pid = child.0.id();
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last = stats.process_tree(pid);
+        let mut last = stats.process_tree(pid, Duration::ZERO);
         while !last.is_some_and(|s| s.cpu_percent > 20.0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(250));
-            last = stats.process_tree(pid);
+            last = stats.process_tree(pid, Duration::ZERO);
         }
         let last = last.expect("child alive");
         assert!(last.cpu_percent > 20.0, "{last:?}");
@@ -360,5 +449,63 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(disk_free(dir.path()).expect("statvfs") > 0);
         assert!(disk_free(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn the_parent_is_read_after_the_command_name() {
+        let stat =
+            "4242 (a (b) c) S 17 4242 4242 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 1 0 9 1000 200";
+        assert_eq!(parent_in_stat(stat), Some(17));
+        assert_eq!(parent_in_stat("4242 (x"), None);
+    }
+
+    #[test]
+    fn descendants_are_found_through_every_generation() {
+        let parents = HashMap::from([(10, 1), (11, 10), (12, 11), (13, 10), (20, 1), (1, 0)]);
+        let mut d = descendants(10, &parents);
+        assert_eq!(d[0], 10, "root first");
+        d.sort_unstable();
+        assert_eq!(d, vec![10, 11, 12, 13]);
+        // A loop in the table (pid reuse while listing) ends.
+        let looped = HashMap::from([(5, 6), (6, 5)]);
+        assert_eq!(descendants(5, &looped).len(), 2);
+    }
+
+    #[test]
+    fn a_tree_is_listed_again_only_when_its_listing_is_too_old() {
+        let mut stats = SysinfoStats::new().expect("sysinfo");
+        // The first sleep is a child from the start; the second replaces it.
+        let child = spawn(Command::new("sh").args(["-c", "sleep 0.3; sleep 5; true"]));
+        let pid = child.0.id();
+        let members = |stats: &SysinfoStats| -> Vec<u32> {
+            stats.trees[&pid]
+                .members
+                .iter()
+                .map(|p| p.as_u32())
+                .collect()
+        };
+        let hour = Duration::from_secs(3600);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while descendants(pid, &parents()).len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(stats.process_tree(pid, hour).is_some());
+        let first = members(&stats);
+        assert_eq!(first.len(), 2, "sh and its first sleep: {first:?}");
+        // Wait for the second sleep.
+        let second = loop {
+            let now = descendants(pid, &parents());
+            if let Some(s) = now.iter().find(|p| !first.contains(p)) {
+                break *s;
+            }
+            assert!(Instant::now() < deadline, "no second sleep");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(MINIMUM_CPU_UPDATE_INTERVAL);
+        assert!(stats.process_tree(pid, hour).is_some());
+        assert_eq!(members(&stats), first, "the listing is recent enough");
+        std::thread::sleep(MINIMUM_CPU_UPDATE_INTERVAL);
+        assert!(stats.process_tree(pid, Duration::ZERO).is_some());
+        assert!(members(&stats).contains(&second), "listed afresh");
     }
 }

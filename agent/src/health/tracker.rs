@@ -100,11 +100,44 @@ impl Tracker {
         // A crossing that has begun but not yet lasted `sustained_samples`
         // must finish its count: the release is judged only once every gate
         // has a full run of samples under its limit or has fired.
-        let crossing = self.rss_over > 0
-            || self.cpu_over > 0
-            || self.rss_regressed > 0
-            || self.cpu_regressed > 0;
-        !gated || (self.seen >= t.sustained_samples.max(1) && !crossing)
+        !gated || (self.seen >= t.sustained_samples.max(1) && !self.crossing())
+    }
+
+    /// Whether some gate has been crossed by the latest sample(s) without
+    /// having fired yet, or is firing.
+    fn crossing(&self) -> bool {
+        self.rss_over > 0 || self.cpu_over > 0 || self.rss_regressed > 0 || self.cpu_regressed > 0
+    }
+
+    /// How old the list of the processes in the release's tree may be at a
+    /// sample: listed afresh at every sample while the gates need samples (a
+    /// child the service forks counts at once), else at most every
+    /// [`IDLE_MEMBERS_MAX_AGE`] (listing means reading every process on the host).
+    pub fn members_max_age(&self, judged: bool) -> Duration {
+        if self.sample_interval(judged) == SAMPLE_INTERVAL {
+            Duration::ZERO
+        } else {
+            IDLE_MEMBERS_MAX_AGE
+        }
+    }
+
+    /// How long after the latest resource sample the next one is due.
+    ///
+    /// [`SAMPLE_INTERVAL`] while the gates need samples: while the release is
+    /// `judged` (verification and probation: the regression gates and the
+    /// steady state the coordinator checks before it commits), whenever an
+    /// absolute ceiling is configured (ceilings hold in every phase), and while
+    /// a crossing finishes its count. Otherwise [`IDLE_SAMPLE_INTERVAL`]: a
+    /// committed release only keeps its steady state (the next activation's
+    /// baseline) and the figures of reports current.
+    pub fn sample_interval(&self, judged: bool) -> Duration {
+        let t = &self.thresholds;
+        let ceiling = t.max_rss_bytes.is_some() || t.max_cpu_percent.is_some();
+        if judged || ceiling || self.crossing() {
+            SAMPLE_INTERVAL
+        } else {
+            IDLE_SAMPLE_INTERVAL
+        }
     }
 
     /// Average of the samples after warm-up: this release's steady state.
@@ -298,10 +331,30 @@ pub trait ProcessWatch: Send + Sync + 'static {
     fn pid(&self) -> Option<u32>;
     /// Whether the service's process runs (always true without a pid).
     fn alive(&self) -> bool;
+    /// A receiver marked changed whenever [`ProcessWatch::pid`] or
+    /// [`ProcessWatch::alive`] may have changed, so that the monitor sleeps
+    /// until then instead of polling; a closed channel means they never
+    /// change. `None` (the default): the monitor polls `alive` every
+    /// [`LIVENESS_POLL`].
+    fn changes(&self) -> Option<watch::Receiver<()>> {
+        None
+    }
 }
 
-/// How often resources are sampled (CPU % needs ≥ 200 ms between refreshes).
+/// How often resources are sampled while the gates need them (see
+/// [`Tracker::sample_interval`]); CPU % needs ≥ 200 ms between refreshes.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often resources are sampled when no gate needs them: a committed
+/// release without ceilings.
+pub const IDLE_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How old the list of a release's processes may be when no gate needs
+/// samples (see [`Tracker::members_max_age`]).
+pub const IDLE_MEMBERS_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How often a monitor polls liveness when its [`ProcessWatch`] cannot notify.
+pub const LIVENESS_POLL: Duration = Duration::from_millis(250);
 
 /// What a monitor watches: the release's checks, ceilings and gates, where
 /// exec checks run, and the previous release's steady state.
@@ -317,13 +370,57 @@ pub struct MonitorSpec {
     pub baseline: Option<ProcessSample>,
 }
 
-/// Probes every check at its interval and samples resources until `cancel`,
-/// publishing every change of the verdict.
+/// When each piece of a monitor's work is due. The monitor sleeps until the
+/// earliest of them; nothing else wakes it but a liveness change, a change of
+/// `judged` and cancellation.
+#[derive(Debug, Clone)]
+struct Schedule {
+    /// Next probe of each check.
+    checks: Vec<Instant>,
+    /// The latest resource sample; `None` before the first (due at once).
+    sampled: Option<Instant>,
+}
+
+impl Schedule {
+    /// Every check due at `start`, a sample due at once.
+    fn new(checks: usize, start: Instant) -> Self {
+        Schedule {
+            checks: vec![start; checks],
+            sampled: None,
+        }
+    }
+
+    /// When the next resource sample is due, `every` after the latest.
+    fn next_sample(&self, every: Duration, now: Instant) -> Instant {
+        self.sampled.map_or(now, |at| at + every)
+    }
+
+    /// When the monitor must wake next: the earliest due check, the next
+    /// sample when there is a process to sample (`sample_every`), and the
+    /// next liveness poll when liveness must be polled (`poll_every`).
+    /// `None`: nothing is ever due (no checks, nothing to sample or poll).
+    fn next_wake(
+        &self,
+        sample_every: Option<Duration>,
+        poll_every: Option<Duration>,
+        now: Instant,
+    ) -> Option<Instant> {
+        let sample = sample_every.map(|every| self.next_sample(every, now));
+        let poll = poll_every.map(|every| now + every);
+        self.checks.iter().copied().chain(sample).chain(poll).min()
+    }
+}
+
+/// Probes every check at its interval and samples resources (see
+/// [`Tracker::sample_interval`]; `judged` is true while the release is being
+/// verified or in probation) until `cancel`, publishing every change of the
+/// verdict.
 pub fn spawn_monitor(
     spec: MonitorSpec,
     probe: Arc<dyn HealthProbe>,
     stats: Arc<Mutex<dyn HostStats>>,
     process: Arc<dyn ProcessWatch>,
+    mut judged: watch::Receiver<bool>,
     cancel: CancellationToken,
 ) -> (watch::Receiver<HealthView>, tokio::task::JoinHandle<()>) {
     let MonitorSpec {
@@ -341,38 +438,47 @@ pub fn spawn_monitor(
     };
     let (tx, rx) = watch::channel(initial);
     let task = tokio::spawn(async move {
-        let start = Instant::now();
-        let mut due: Vec<Instant> = tracker.checks().iter().map(|_| start).collect();
+        let mut schedule = Schedule::new(tracker.checks().len(), Instant::now());
         let mut settled = false;
-        let mut next_sample = start;
+        let mut changes = process.changes();
+        let poll_every = changes.is_none().then_some(LIVENESS_POLL);
+        let mut is_judged = *judged.borrow_and_update();
+        let mut judged = Some(judged);
         loop {
             let now = Instant::now();
-            for (idx, due_at) in due.iter_mut().enumerate() {
-                if *due_at <= now {
+            for idx in 0..schedule.checks.len() {
+                if schedule.checks[idx] <= now {
                     let check = tracker.checks()[idx].clone();
                     let outcome = tokio::select! {
                         o = probe.probe(&check, &ctx) => o,
                         () = cancel.cancelled() => return,
                     };
                     tracker.record(idx, &outcome);
-                    *due_at = Instant::now() + check.interval;
+                    schedule.checks[idx] = Instant::now() + check.interval;
                 }
             }
-            if next_sample <= Instant::now() {
-                if let Some(pid) = process.pid() {
-                    let sample = stats.lock().ok().and_then(|mut s| s.process_tree(pid));
+            let pid = process.pid();
+            let sample_every = tracker.sample_interval(is_judged);
+            if let Some(pid) = pid {
+                let now = Instant::now();
+                if schedule.next_sample(sample_every, now) <= now {
+                    let max_age = tracker.members_max_age(is_judged);
+                    let sample = stats
+                        .lock()
+                        .ok()
+                        .and_then(|mut s| s.process_tree(pid, max_age));
                     if let Some(sample) = sample {
                         tracker.record_resources(sample);
                     }
+                    schedule.sampled = Some(Instant::now());
                 }
-                next_sample = Instant::now() + SAMPLE_INTERVAL;
             }
             let mut verdict = tracker.verdict(process.alive());
             // With resource gates, a release is not healthy before the gates
             // have seen enough samples of its process (a crossing that began
             // finishes its count first). Once settled, a later crossing shows
             // only when it has lasted `sustained_samples`.
-            if verdict == Verdict::Healthy && process.pid().is_some() && !settled {
+            if verdict == Verdict::Healthy && pid.is_some() && !settled {
                 if tracker.resources_settled() {
                     settled = true;
                 } else {
@@ -390,16 +496,40 @@ pub fn spawn_monitor(
                 *old = view;
                 changed
             });
-            // Wake for the next due check, sample, or at least every 250 ms to
-            // notice a dead process quickly.
-            let next = due
-                .iter()
-                .copied()
-                .chain([next_sample, Instant::now() + Duration::from_millis(250)])
-                .min()
-                .unwrap_or_else(Instant::now);
+            // Sleep until the next due check or sample (the sample interval
+            // may have changed with the latest sample); a liveness change or
+            // a change of `judged` wakes the loop early.
+            let sample_every = pid.map(|_| tracker.sample_interval(is_judged));
+            let next = schedule.next_wake(sample_every, poll_every, Instant::now());
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let liveness = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let judging = async {
+                match judged.as_mut() {
+                    Some(rx) => rx.changed().await.map(|()| *rx.borrow_and_update()),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
+                () = sleep => {}
+                open = liveness => if !open {
+                    // Closed: pid and liveness never change again.
+                    changes = None;
+                },
+                j = judging => match j {
+                    Ok(j) => is_judged = j,
+                    // The worker let go of the monitor: keep the last value.
+                    Err(_) => judged = None,
+                },
                 () = cancel.cancelled() => return,
             }
         }
@@ -620,5 +750,286 @@ mod tests {
         // Steady state skips the warm-up samples.
         let steady = t.steady_state().expect("steady");
         assert_eq!(steady.rss_bytes, 500 << 20);
+    }
+
+    #[test]
+    fn resources_are_sampled_often_only_while_gates_need_it() {
+        let t = Tracker::new(vec![], Thresholds::default());
+        assert_eq!(t.sample_interval(true), SAMPLE_INTERVAL, "judged");
+        assert_eq!(t.sample_interval(false), IDLE_SAMPLE_INTERVAL, "committed");
+        assert_eq!(t.members_max_age(true), Duration::ZERO);
+        assert_eq!(t.members_max_age(false), IDLE_MEMBERS_MAX_AGE);
+        let ceiling = Thresholds {
+            max_cpu_percent: Some(50.0),
+            ..Default::default()
+        };
+        let t = Tracker::new(vec![], ceiling);
+        assert_eq!(
+            t.sample_interval(false),
+            SAMPLE_INTERVAL,
+            "a ceiling holds always"
+        );
+        // A ratio gate crossed once: its count finishes at the gate's pace.
+        let ratio = Thresholds {
+            max_rss_ratio: Some(1.5),
+            sustained_samples: 3,
+            ..Default::default()
+        };
+        let base = ProcessSample {
+            rss_bytes: 10 << 20,
+            cpu_percent: 1.0,
+        };
+        let mut t = Tracker::new(vec![], ratio).with_baseline(Some(base));
+        assert_eq!(t.sample_interval(false), IDLE_SAMPLE_INTERVAL);
+        t.record_resources(ProcessSample {
+            rss_bytes: 100 << 20,
+            cpu_percent: 1.0,
+        });
+        assert_eq!(t.sample_interval(false), SAMPLE_INTERVAL, "crossing");
+        t.record_resources(base);
+        assert_eq!(t.sample_interval(false), IDLE_SAMPLE_INTERVAL);
+    }
+
+    #[test]
+    fn the_monitor_wakes_only_when_something_is_due() {
+        let start = Instant::now();
+        let s = std::time::Duration::from_secs;
+        let mut sch = Schedule::new(2, start);
+        assert_eq!(
+            sch.next_wake(None, None, start),
+            Some(start),
+            "checks due at once"
+        );
+        sch.checks = vec![start + s(2), start + s(5)];
+        // No pid, a notifying watch: only the checks.
+        assert_eq!(sch.next_wake(None, None, start), Some(start + s(2)));
+        // The first sample is due at once; later ones an interval after the latest.
+        assert_eq!(sch.next_wake(Some(s(10)), None, start), Some(start));
+        sch.sampled = Some(start);
+        assert_eq!(sch.next_wake(Some(s(10)), None, start), Some(start + s(2)));
+        sch.checks = vec![start + s(30)];
+        assert_eq!(sch.next_wake(Some(s(10)), None, start), Some(start + s(10)));
+        assert_eq!(
+            sch.next_wake(Some(SAMPLE_INTERVAL), None, start),
+            Some(start + SAMPLE_INTERVAL)
+        );
+        // Polled liveness adds its period.
+        assert_eq!(
+            sch.next_wake(Some(s(10)), Some(LIVENESS_POLL), start),
+            Some(start + LIVENESS_POLL)
+        );
+        // Nothing at all: sleep until a change or cancellation.
+        let idle = Schedule::new(0, start);
+        assert_eq!(idle.next_wake(None, None, start), None);
+    }
+
+    /// Counts probes.
+    #[derive(Debug, Default)]
+    struct CountingProbe {
+        probes: std::sync::atomic::AtomicU32,
+    }
+
+    impl HealthProbe for CountingProbe {
+        fn probe<'a>(
+            &'a self,
+            _check: &'a HealthCheck,
+            _ctx: &'a ProbeContext,
+        ) -> futures::future::BoxFuture<'a, ProbeOutcome> {
+            self.probes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::ready(ProbeOutcome::Pass))
+        }
+    }
+
+    /// Counts resource samples; fixed figures.
+    #[derive(Debug, Default)]
+    struct CountingStats {
+        samples: u32,
+    }
+
+    impl HostStats for CountingStats {
+        fn host(&mut self) -> crate::host_stats::HostSample {
+            crate::host_stats::HostSample::default()
+        }
+        fn process_tree(&mut self, _pid: u32, _max_age: Duration) -> Option<ProcessSample> {
+            self.samples += 1;
+            Some(ProcessSample {
+                rss_bytes: 10 << 20,
+                cpu_percent: 1.0,
+            })
+        }
+        fn process_alive(&mut self, _pid: u32, _start_time: Option<u64>) -> bool {
+            true
+        }
+        fn process_start_time(&mut self, _pid: u32) -> Option<u64> {
+            None
+        }
+        fn processes_with_cwd_under(&mut self, _dir: &std::path::Path) -> Vec<u32> {
+            Vec::new()
+        }
+    }
+
+    /// A process that notifies its changes (`notify`) or must be polled;
+    /// counts how often the monitor asked whether it is alive (once a wake).
+    #[derive(Debug)]
+    struct TestProcess {
+        alive: std::sync::atomic::AtomicBool,
+        asked: std::sync::atomic::AtomicU32,
+        changed: Option<watch::Sender<()>>,
+    }
+
+    impl TestProcess {
+        fn new(notify: bool) -> Arc<Self> {
+            Arc::new(TestProcess {
+                alive: true.into(),
+                asked: 0.into(),
+                changed: notify.then(|| watch::channel(()).0),
+            })
+        }
+        fn die(&self) {
+            self.alive.store(false, std::sync::atomic::Ordering::SeqCst);
+            if let Some(c) = &self.changed {
+                c.send_replace(());
+            }
+        }
+        fn wakes(&self) -> u32 {
+            self.asked.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl ProcessWatch for TestProcess {
+        fn pid(&self) -> Option<u32> {
+            Some(4242)
+        }
+        fn alive(&self) -> bool {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.alive.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn changes(&self) -> Option<watch::Receiver<()>> {
+            self.changed.as_ref().map(watch::Sender::subscribe)
+        }
+    }
+
+    struct Running {
+        probe: Arc<CountingProbe>,
+        stats: Arc<Mutex<CountingStats>>,
+        process: Arc<TestProcess>,
+        judged: watch::Sender<bool>,
+        health: watch::Receiver<HealthView>,
+        cancel: CancellationToken,
+    }
+
+    impl Running {
+        fn probes(&self) -> u32 {
+            self.probe.probes.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn samples(&self) -> u32 {
+            self.stats.lock().map(|s| s.samples).unwrap_or(0)
+        }
+    }
+
+    fn run_monitor(check_every: Duration, judged: bool, notify: bool) -> Running {
+        let probe = Arc::new(CountingProbe::default());
+        let stats = Arc::new(Mutex::new(CountingStats::default()));
+        let process = TestProcess::new(notify);
+        let (judged, judged_rx) = watch::channel(judged);
+        let cancel = CancellationToken::new();
+        let mut c = check("http", 3, 1);
+        c.interval = check_every;
+        let (health, _task) = spawn_monitor(
+            MonitorSpec {
+                checks: vec![c],
+                thresholds: Thresholds::default(),
+                ctx: ProbeContext {
+                    release_dir: std::path::PathBuf::from("/nonexistent"),
+                    env: Default::default(),
+                    run_as: None,
+                },
+                baseline: None,
+            },
+            probe.clone(),
+            stats.clone(),
+            process.clone(),
+            judged_rx,
+            cancel.clone(),
+        );
+        Running {
+            probe,
+            stats,
+            process,
+            judged,
+            health,
+            cancel,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_committed_release_wakes_its_monitor_only_for_checks_and_rare_samples() {
+        let m = run_monitor(Duration::from_secs(2), false, true);
+        tokio::time::sleep(Duration::from_secs(60) + Duration::from_millis(1)).await;
+        // Checks at 0, 2, ..., 60 s; samples at 0, 10, ..., 60 s.
+        assert_eq!(m.probes(), 31);
+        assert_eq!(m.samples(), 7);
+        // One wake per check (the samples fall on check times), plus the
+        // verdict of the initial view: no fixed tick.
+        assert!(m.process.wakes() <= 32, "{} wakes", m.process.wakes());
+        assert!(m.health.borrow().verdict.is_healthy());
+        let steady = m
+            .health
+            .borrow()
+            .steady
+            .expect("a steady state from idle samples");
+        assert_eq!(steady.rss_bytes, 10 << 20);
+        m.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_judged_release_is_sampled_every_sample_interval_until_committed() {
+        let m = run_monitor(Duration::from_secs(2), true, true);
+        tokio::time::sleep(Duration::from_secs(10) + Duration::from_millis(1)).await;
+        assert_eq!(m.probes(), 6);
+        assert_eq!(m.samples(), 21, "every 500 ms from 0 to 10 s");
+        assert!(m.process.wakes() <= 22, "{} wakes", m.process.wakes());
+        // Committed: the next sample comes an idle interval after the latest.
+        m.judged.send_replace(false);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(m.samples(), 22);
+        // Judged again (e.g. after an agent restart in probation): fast at once.
+        m.judged.send_replace(true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(m.samples(), 24);
+        m.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_process_is_noticed_at_once_without_polling() {
+        let mut m = run_monitor(Duration::from_secs(30), false, true);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(m.process.wakes() <= 3, "{} wakes", m.process.wakes());
+        let died = Instant::now();
+        m.process.die();
+        let unhealthy = m
+            .health
+            .wait_for(|h| matches!(h.verdict, Verdict::Unhealthy(_)))
+            .await
+            .map(|h| h.verdict.clone());
+        assert!(matches!(unhealthy, Ok(Verdict::Unhealthy(r)) if r.contains("not running")));
+        assert_eq!(Instant::now(), died, "no time passed: woken by the change");
+        m.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_process_that_cannot_notify_is_polled() {
+        let mut m = run_monitor(Duration::from_secs(30), false, false);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(m.process.wakes() >= 20, "{} wakes", m.process.wakes());
+        let died = Instant::now();
+        m.process.die();
+        m.health
+            .wait_for(|h| matches!(h.verdict, Verdict::Unhealthy(_)))
+            .await
+            .expect("monitor running");
+        assert!(Instant::now() - died <= LIVENESS_POLL);
+        m.cancel.cancel();
     }
 }

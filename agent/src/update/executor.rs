@@ -574,8 +574,17 @@ fn history(
 /// Health monitoring of the running release.
 struct Monitor {
     rx: watch::Receiver<HealthView>,
+    /// Whether the release is being judged (any phase but idle and
+    /// degraded): the monitor samples resources often only then.
+    judged: watch::Sender<bool>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// Whether a release in `phase` is being judged (activated, verified, in
+/// probation or being rolled back to), as opposed to committed or given up on.
+fn judged(phase: Phase) -> bool {
+    !matches!(phase, Phase::Idle | Phase::Degraded)
 }
 
 struct Worker {
@@ -600,6 +609,11 @@ impl Worker {
     }
 
     fn publish(&self) {
+        if let Some(m) = &self.monitor {
+            let judged = judged(self.record.phase);
+            m.judged
+                .send_if_modified(|j| std::mem::replace(j, judged) != judged);
+        }
         let health = self.monitor.as_ref().map(|m| m.rx.borrow().clone());
         let view = ServiceView {
             record: self.record.clone(),
@@ -1044,6 +1058,7 @@ impl Worker {
     fn start_monitor(&mut self, def: &ServiceDefinition) {
         let dir = self.deps.layout.release_dir(&def.service, &def.release);
         let cancel = self.cancel.child_token();
+        let (judged_tx, judged_rx) = watch::channel(judged(self.record.phase));
         let (rx, task) = spawn_monitor(
             crate::health::tracker::MonitorSpec {
                 checks: def.health_checks.clone(),
@@ -1066,12 +1081,18 @@ impl Worker {
             self.deps.probe.clone(),
             self.deps.stats.clone(),
             self.deps.supervisor.watch(&def.service),
+            judged_rx,
             cancel.clone(),
         );
         if let Ok(mut l) = self.live.lock() {
             *l = Some(rx.clone());
         }
-        self.monitor = Some(Monitor { rx, cancel, task });
+        self.monitor = Some(Monitor {
+            rx,
+            judged: judged_tx,
+            cancel,
+            task,
+        });
         self.publish();
     }
 

@@ -251,7 +251,7 @@ impl HostStats for FakeStats {
         }
     }
 
-    fn process_tree(&mut self, _pid: u32) -> Option<ProcessSample> {
+    fn process_tree(&mut self, _pid: u32, _max_age: Duration) -> Option<ProcessSample> {
         Some(ProcessSample {
             rss_bytes: 10 << 20,
             cpu_percent: 1.0,

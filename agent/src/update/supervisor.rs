@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -120,6 +121,20 @@ struct ExecState {
     alive: AtomicBool,
     /// False once the supervisor gave up (policy `never`, or stopped).
     supervised: AtomicBool,
+    /// Marked on every change of `pid` or `alive`, so monitors need not poll.
+    changed: watch::Sender<()>,
+}
+
+impl ExecState {
+    fn set_pid(&self, pid: u32) {
+        self.pid.store(pid, Ordering::SeqCst);
+        self.changed.send_replace(());
+    }
+
+    fn set_alive(&self, alive: bool) {
+        self.alive.store(alive, Ordering::SeqCst);
+        self.changed.send_replace(());
+    }
 }
 
 impl ProcessWatch for ExecState {
@@ -133,6 +148,10 @@ impl ProcessWatch for ExecState {
     fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
+
+    fn changes(&self) -> Option<watch::Receiver<()>> {
+        Some(self.changed.subscribe())
+    }
 }
 
 /// A [`ProcessWatch`] for modes without a pid: always "alive"; health checks decide.
@@ -145,6 +164,10 @@ impl ProcessWatch for NoPid {
     }
     fn alive(&self) -> bool {
         true
+    }
+    fn changes(&self) -> Option<watch::Receiver<()>> {
+        // Closed at once: nothing ever changes.
+        Some(watch::channel(()).1)
     }
 }
 
@@ -276,7 +299,7 @@ impl RealSupervisor {
         let start_time;
         match adopted {
             Some((pid, st)) => {
-                state.pid.store(pid, Ordering::SeqCst);
+                state.set_pid(pid);
                 start_time = st;
             }
             None => {
@@ -286,7 +309,7 @@ impl RealSupervisor {
                     source,
                 })?;
                 let pid = child.id().unwrap_or(0);
-                state.pid.store(pid, Ordering::SeqCst);
+                state.set_pid(pid);
                 start_time = self
                     .stats
                     .lock()
@@ -295,7 +318,7 @@ impl RealSupervisor {
                 first = Some(child);
             }
         }
-        state.alive.store(true, Ordering::SeqCst);
+        state.set_alive(true);
         state.supervised.store(true, Ordering::SeqCst);
         let task_state = state.clone();
         let task_stop = stop.clone();
@@ -333,7 +356,7 @@ impl RealSupervisor {
                         false
                     }
                 };
-                task_state.alive.store(false, Ordering::SeqCst);
+                task_state.set_alive(false);
                 if task_stop.is_cancelled() {
                     break;
                 }
@@ -354,8 +377,8 @@ impl RealSupervisor {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 match spawn() {
                     Ok(c) => {
-                        task_state.pid.store(c.id().unwrap_or(0), Ordering::SeqCst);
-                        task_state.alive.store(true, Ordering::SeqCst);
+                        task_state.set_pid(c.id().unwrap_or(0));
+                        task_state.set_alive(true);
                         child = Some(c);
                     }
                     Err(e) => {
@@ -398,8 +421,8 @@ impl RealSupervisor {
             }
         }
         let _ = entry.task.await;
-        entry.state.alive.store(false, Ordering::SeqCst);
-        entry.state.pid.store(0, Ordering::SeqCst);
+        entry.state.set_alive(false);
+        entry.state.set_pid(0);
         Ok(())
     }
 
