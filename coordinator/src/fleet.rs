@@ -330,6 +330,19 @@ impl Fleet {
             .cloned()
     }
 
+    /// Whether `host` last reported `service` unhealthy (no copy of the
+    /// report: the fleet-wide gate asks this of every host between batches).
+    pub fn service_unhealthy(&self, host: &str, service: &str) -> bool {
+        self.known.lock().ok().is_some_and(|k| {
+            k.get(host).is_some_and(|k| {
+                k.report
+                    .services
+                    .iter()
+                    .any(|s| s.service == service && s.health == pb::Health::Unhealthy as i32)
+            })
+        })
+    }
+
     /// Every known host with its labels (for target selection).
     pub fn labels(&self) -> Vec<(String, BTreeMap<String, String>)> {
         self.known

@@ -833,19 +833,16 @@ impl Engine {
         // they count as unreachable against the budget when their batch comes.
         let n: usize = r.hosts.len();
         let allowed = planner::max_unavailable(&r.strategy, n);
+        let in_batch: std::collections::HashSet<&String> = batch.iter().collect();
         loop {
             let down: Vec<&String> = r
                 .hosts
                 .iter()
                 .filter(|(h, p)| {
                     p.batch < i
-                        && !batch.contains(h)
+                        && !in_batch.contains(h)
                         && p.failure.is_none()
-                        && (!self.fleet.connected(h)
-                            || self
-                                .fleet
-                                .service(h, &r.service)
-                                .is_some_and(|s| s.health == pb::Health::Unhealthy as i32))
+                        && (!self.fleet.connected(h) || self.fleet.service_unhealthy(h, &r.service))
                 })
                 .map(|(h, _)| h)
                 .collect();
