@@ -461,7 +461,7 @@ fn print_joined(out: &mut dyn std::io::Write, j: &rollout_agent::join::Joined) -
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -553,6 +553,12 @@ impl Engine {
             format!("{} {} on {n} hosts; {plan}", r.service, r.release),
         );
         self.store.save_rollout(&r, &[created])?;
+        // Written whole by this engine: cached from the start, so that
+        // readers while it stages do not decode it from the store.
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), r.clone());
         info!(rollout = %id, service = %r.service, release = %r.release, hosts = n, "rollout created");
         self.spawn(id);
         Ok(r)
