@@ -5,10 +5,12 @@
 //! The artifact is a tar.gz (stored, not compressed) of the sample service's
 //! `service.conf` and an incompressible payload. Wall time is from the
 //! rollout's first event to its last `staged` event (coordinator clock);
-//! `stage_parallelism` is the host count. Bytes sent and fetches come from the
-//! coordinator's `rollout_artifact_bytes_sent_total` /
-//! `rollout_artifact_fetches_total`; `/proc/<coordinator>/io` `read_bytes`
-//! shows what reached storage (the page cache usually holds the artifact).
+//! `stage_parallelism` is the host count. Bytes sent, bytes read from the
+//! artifact file and fetches come from the coordinator's
+//! `rollout_artifact_bytes_sent_total`, `rollout_artifact_bytes_read_total` and
+//! `rollout_artifact_fetches_total` (reads of the file = bytes read / size);
+//! `/proc/<coordinator>/io` `read_bytes` shows what reached storage (the page
+//! cache usually holds the artifact).
 //!
 //! The limit: the coordinator must push `hosts × size` over loopback and the
 //! agents must write what ends in their data dirs (measured with a directory
@@ -96,9 +98,9 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
         ),
     ];
     let reads = util::Stats::of(&col(|r| r.file_reads)).map_or(0.0, |s| s.median);
-    if reads > 1.5 {
+    if reads > 1.01 {
         block.notes.push(format!(
-            "finding: the coordinator streams the artifact from its file once per fetch ({reads:.0} reads of the file for {n} hosts); the page cache keeps most of it from reaching storage (see read_bytes), but the coordinator does not read it once"
+            "finding: the coordinator read the artifact {reads:.2} times for {n} hosts: some downloads fell further behind the others than its chunk cache holds (`artifact_cache_bytes`, 64 MiB by default), so their chunks were read again"
         ));
     }
     ctx.publish(&block)
@@ -273,6 +275,7 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         .toml(),
     )?;
     let sent0 = util::metric(metrics_port, "rollout_artifact_bytes_sent_total").unwrap_or(0.0);
+    let read0 = util::metric(metrics_port, "rollout_artifact_bytes_read_total").unwrap_or(0.0);
     let fetch0 = util::metric(metrics_port, "rollout_artifact_fetches_total").unwrap_or(0.0);
     let io0 = util::proc_io(coord_pid).map_or(0, |(_, rb)| rb);
     let id = util::deploy(&coord, &spec)?;
@@ -310,6 +313,8 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         util::metric(metrics_port, "rollout_artifact_bytes_sent_total").unwrap_or(0.0) - sent0;
     let fetches =
         util::metric(metrics_port, "rollout_artifact_fetches_total").unwrap_or(0.0) - fetch0;
+    let read =
+        util::metric(metrics_port, "rollout_artifact_bytes_read_total").unwrap_or(0.0) - read0;
     let io1 = util::proc_io(coord_pid).map_or(0, |(_, rb)| rb);
     let disk_bytes: u64 = agents
         .iter()
@@ -342,7 +347,7 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         disk_mibs,
         sent_mib: sent / 1024.0 / 1024.0,
         fetches,
-        file_reads: sent / size as f64,
+        file_reads: read / size as f64,
         storage_read_mib: mib(io1.saturating_sub(io0)),
     })
 }

@@ -1,9 +1,15 @@
 //! Artifacts by digest on the coordinator's disk: uploads are hashed while
 //! written to a temporary file and renamed into place only when complete, and
-//! served to agents in chunks straight from the file (never loaded whole, so
-//! many agents fetching at once cost one buffer each).
+//! served to agents in chunks (never loaded whole). Chunks pass through a
+//! byte-bounded cache shared by every download, and a chunk missing from it
+//! is read by one download while the others wanting it wait: agents staging
+//! one release together cost one read of the file, not one per agent.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
 
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -46,11 +52,44 @@ pub enum ArtifactError {
 }
 
 /// The artifact directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Artifacts {
     dir: PathBuf,
     /// Largest upload accepted.
     pub max_bytes: u64,
+    /// Chunks recently served, by (digest, index); `None`: no cache.
+    chunks: Option<Arc<ChunkCache>>,
+}
+
+impl std::fmt::Debug for Artifacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Artifacts")
+            .field("dir", &self.dir)
+            .field("max_bytes", &self.max_bytes)
+            .field("chunk_cache", &self.chunks.as_ref().map(|c| c.weight()))
+            .finish()
+    }
+}
+
+type ChunkCache = quick_cache::sync::Cache<(String, u64), Bytes, ChunkWeight>;
+
+/// A cached chunk weighs its bytes (at least 1: an empty chunk is the end).
+#[derive(Clone)]
+struct ChunkWeight;
+
+impl quick_cache::Weighter<(String, u64), Bytes> for ChunkWeight {
+    fn weight(&self, _key: &(String, u64), val: &Bytes) -> u64 {
+        (val.len() as u64).max(1)
+    }
+}
+
+/// One chunk of a download.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The chunk's bytes (shared with the cache).
+    pub data: Bytes,
+    /// Bytes this download read from disk for it (0: found in the cache).
+    pub read_from_disk: usize,
 }
 
 /// Checks `sha256:<64 hex>` and returns the hex part.
@@ -98,9 +137,102 @@ impl Upload {
 }
 
 impl Artifacts {
-    /// Artifacts under `dir`.
+    /// Artifacts under `dir`, without a chunk cache.
     pub fn new(dir: PathBuf, max_bytes: u64) -> Artifacts {
-        Artifacts { dir, max_bytes }
+        Artifacts {
+            dir,
+            max_bytes,
+            chunks: None,
+        }
+    }
+
+    /// Shares chunks among downloads through a cache of up to `bytes`
+    /// (0: none; every download reads the file itself).
+    pub fn with_chunk_cache(mut self, bytes: u64) -> Artifacts {
+        let per_chunk = rollout_proto::ARTIFACT_CHUNK_BYTES as u64;
+        self.chunks = (bytes > 0).then(|| {
+            Arc::new(ChunkCache::with_weighter(
+                (bytes / per_chunk).max(1) as usize,
+                bytes,
+                ChunkWeight,
+            ))
+        });
+        self
+    }
+
+    /// Chunk `index` (of [`rollout_proto::ARTIFACT_CHUNK_BYTES`] each; the
+    /// last is shorter, past the end empty) of the artifact `digest`, open
+    /// as `file`: from the cache, or read from `file` by this caller (once
+    /// for every caller wanting it at the same time).
+    pub async fn chunk(
+        &self,
+        digest: &str,
+        file: &mut tokio::fs::File,
+        index: u64,
+    ) -> Result<Chunk, ArtifactError> {
+        let size = rollout_proto::ARTIFACT_CHUNK_BYTES;
+        let read = AtomicBool::new(false);
+        let from_disk = async {
+            read.store(true, Ordering::Relaxed);
+            file.seek(std::io::SeekFrom::Start(index * size as u64))
+                .await
+                .map_err(io("seek"))?;
+            read_chunk(file, size)
+                .await
+                .map(Bytes::from)
+                .map_err(io(format!("read artifact {digest}")))
+        };
+        let data = match &self.chunks {
+            Some(cache) => {
+                cache
+                    .get_or_insert_async(&(digest.to_string(), index), from_disk)
+                    .await?
+            }
+            None => from_disk.await?,
+        };
+        let read_from_disk = if read.load(Ordering::Relaxed) {
+            data.len()
+        } else {
+            0
+        };
+        Ok(Chunk {
+            data,
+            read_from_disk,
+        })
+    }
+
+    /// The artifact `digest`, open as `file`, from `offset` to its end, in
+    /// chunks shared with the other downloads (see [`Artifacts::chunk`]); a
+    /// download resumed mid-chunk starts with the rest of that chunk. No
+    /// chunk is empty.
+    pub fn download(
+        &self,
+        digest: String,
+        mut file: tokio::fs::File,
+        offset: u64,
+    ) -> impl futures::Stream<Item = Result<Chunk, ArtifactError>> + Send + 'static {
+        let artifacts = self.clone();
+        let per_chunk = rollout_proto::ARTIFACT_CHUNK_BYTES as u64;
+        let mut index = offset / per_chunk;
+        let mut skip = (offset % per_chunk) as usize;
+        async_stream::try_stream! {
+            loop {
+                let chunk = artifacts.chunk(&digest, &mut file, index).await?;
+                let last = (chunk.data.len() as u64) < per_chunk;
+                let data = chunk.data.slice(skip.min(chunk.data.len())..);
+                skip = 0;
+                index += 1;
+                if !data.is_empty() {
+                    yield Chunk {
+                        data,
+                        read_from_disk: chunk.read_from_disk,
+                    };
+                }
+                if last {
+                    break;
+                }
+            }
+        }
     }
 
     /// Path of a stored artifact.
@@ -215,4 +347,84 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    const CHUNK: usize = rollout_proto::ARTIFACT_CHUNK_BYTES;
+
+    /// Stores `len` bytes of a pattern; (artifacts, digest, bytes).
+    async fn stored(dir: &Path, len: usize, cache: u64) -> (Artifacts, String, Vec<u8>) {
+        let a = Artifacts::new(dir.to_path_buf(), 1 << 30).with_chunk_cache(cache);
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut up = a.begin().await.expect("begin");
+        up.write(&data).await.expect("write");
+        let (digest, _) = a.finish(up, None).await.expect("finish");
+        (a, digest, data)
+    }
+
+    /// One download from `offset`: (bytes, bytes it read from disk).
+    async fn download(a: &Artifacts, digest: &str, offset: u64) -> (Vec<u8>, usize) {
+        let file = a.open(digest, offset).await.expect("open");
+        let mut chunks = std::pin::pin!(a.download(digest.to_string(), file, offset));
+        let (mut out, mut read) = (Vec::new(), 0);
+        while let Some(c) = chunks.next().await {
+            let c = c.expect("chunk");
+            assert!(!c.data.is_empty());
+            out.extend_from_slice(&c.data);
+            read += c.read_from_disk;
+        }
+        (out, read)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn downloads_at_the_same_time_read_the_file_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 5 * CHUNK + 123;
+        let (a, digest, data) = stored(dir.path(), len, 64 << 20).await;
+        let runs: Vec<_> = (0..8)
+            .map(|_| {
+                let (a, digest) = (a.clone(), digest.clone());
+                tokio::spawn(async move { download(&a, &digest, 0).await })
+            })
+            .collect();
+        let mut read = 0;
+        for r in runs {
+            let (got, n) = r.await.expect("task");
+            assert!(got == data, "a download differs from the artifact");
+            read += n;
+        }
+        assert_eq!(
+            read, len,
+            "8 downloads read {read} bytes of a {len}-byte file"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_cache_each_download_reads_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 2 * CHUNK + 1;
+        let (a, digest, data) = stored(dir.path(), len, 0).await;
+        for _ in 0..3 {
+            assert_eq!(download(&a, &digest, 0).await, (data.clone(), len));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resumed_download_gets_exactly_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 3 * CHUNK;
+        let (a, digest, data) = stored(dir.path(), len, 64 << 20).await;
+        for offset in [0, 1, CHUNK - 1, CHUNK, CHUNK + 17, len - 1, len] {
+            let (got, _) = download(&a, &digest, offset as u64).await;
+            assert!(got == data[offset..], "from {offset}: {} bytes", got.len());
+        }
+        // An empty artifact is an empty download.
+        let (a, digest, _) = stored(dir.path(), 0, 64 << 20).await;
+        assert_eq!(download(&a, &digest, 0).await, (Vec::new(), 0));
+    }
 }

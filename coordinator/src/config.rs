@@ -47,6 +47,7 @@ struct Raw {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     max_artifact_bytes: Option<u64>,
+    artifact_cache_bytes: Option<u64>,
     metrics_listen: Option<String>,
     tls: Option<RawTls>,
     #[serde(default)]
@@ -164,6 +165,9 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Largest artifact upload.
     pub max_artifact_bytes: u64,
+    /// Bytes of artifact chunks kept in memory and shared among agents
+    /// downloading the same release (0: none).
+    pub artifact_cache_bytes: u64,
     /// mTLS material; `None` only with `--insecure-dev`.
     pub tls: Option<TlsFiles>,
     /// `human` or `json`.
@@ -184,6 +188,9 @@ pub struct CoordinatorConfig {
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/rollout-coordinator";
+
+/// Default `artifact_cache_bytes`: 64 MiB of chunks shared among downloads.
+pub const DEFAULT_ARTIFACT_CACHE_BYTES: u64 = 64 << 20;
 
 impl CoordinatorConfig {
     /// Reads and validates a file.
@@ -242,6 +249,9 @@ impl CoordinatorConfig {
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             max_artifact_bytes: raw.max_artifact_bytes.unwrap_or(4 << 30),
+            artifact_cache_bytes: raw
+                .artifact_cache_bytes
+                .unwrap_or(DEFAULT_ARTIFACT_CACHE_BYTES),
             tls: raw.tls.map(|t| TlsFiles {
                 ca: t.ca,
                 cert: t.cert,

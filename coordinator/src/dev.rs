@@ -230,6 +230,7 @@ pub async fn run(
         listen: ([127, 0, 0, 1], port).into(),
         data_dir: dir.join("coordinator"),
         max_artifact_bytes: 1 << 30,
+        artifact_cache_bytes: crate::config::DEFAULT_ARTIFACT_CACHE_BYTES,
         tls: Some(TlsFiles {
             ca: pki.join("ca.pem"),
             cert: pki.join("coordinator.pem"),

@@ -15,9 +15,12 @@
 //! | `rollout_command_duration_seconds` | histogram | `command` (stage, activate, commit, rollback, ping) |
 //! | `rollout_artifact_fetches` | counter | |
 //! | `rollout_artifact_bytes_sent` | counter | |
+//! | `rollout_artifact_bytes_read` | counter | |
 //!
-//! Artifacts are streamed from disk for each fetch, so
-//! `rollout_artifact_bytes_sent` is also the bytes read from artifact files.
+//! Downloads share chunks through the coordinator's chunk cache
+//! (`artifact_cache_bytes`), so `rollout_artifact_bytes_read` (bytes read
+//! from artifact files) is less than `rollout_artifact_bytes_sent` when
+//! agents fetch the same release together.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -90,6 +93,7 @@ pub struct Metrics {
     commands: Family<CommandLabels, Histogram, fn() -> Histogram>,
     artifact_fetches: Counter,
     artifact_bytes: Counter,
+    artifact_bytes_read: Counter,
     /// One scrape at a time refreshes the scrape-time gauges and encodes.
     scrape: Mutex<()>,
 }
@@ -144,6 +148,7 @@ impl Metrics {
         );
         let artifact_fetches = Counter::default();
         let artifact_bytes = Counter::default();
+        let artifact_bytes_read = Counter::default();
         registry.register(
             "rollout_artifact_fetches",
             "Artifact downloads started by agents",
@@ -151,8 +156,13 @@ impl Metrics {
         );
         registry.register(
             "rollout_artifact_bytes_sent",
-            "Artifact bytes read from disk and sent to agents",
+            "Artifact bytes sent to agents",
             artifact_bytes.clone(),
+        );
+        registry.register(
+            "rollout_artifact_bytes_read",
+            "Artifact bytes read from disk (downloads share chunks read once)",
+            artifact_bytes_read.clone(),
         );
         for reason in ROLLBACK_REASONS {
             let _ = rollbacks.get_or_create(&[("reason", reason)]);
@@ -170,6 +180,7 @@ impl Metrics {
             commands,
             artifact_fetches,
             artifact_bytes,
+            artifact_bytes_read,
             scrape: Mutex::new(()),
         }
     }
@@ -196,9 +207,14 @@ impl Metrics {
         self.artifact_fetches.inc();
     }
 
-    /// `n` artifact bytes were read from disk and sent.
+    /// `n` artifact bytes were sent.
     pub fn artifact_sent(&self, n: usize) {
         self.artifact_bytes.inc_by(n as u64);
+    }
+
+    /// `n` artifact bytes were read from disk.
+    pub fn artifact_read(&self, n: usize) {
+        self.artifact_bytes_read.inc_by(n as u64);
     }
 
     /// Sets the scrape-time gauges and encodes everything.
@@ -280,6 +296,13 @@ impl MetricsHook {
     pub fn artifact_sent(&self, n: usize) {
         if let Some(m) = self.get() {
             m.artifact_sent(n);
+        }
+    }
+
+    /// See [`Metrics::artifact_read`].
+    pub fn artifact_read(&self, n: usize) {
+        if let Some(m) = self.get() {
+            m.artifact_read(n);
         }
     }
 
@@ -367,6 +390,7 @@ mod tests {
         m.artifact_fetch();
         m.artifact_sent(1000);
         m.artifact_sent(24);
+        m.artifact_read(512);
         let hook = MetricsHook::default();
         hook.host_failed(Some(Failure::Unhealthy));
         hook.set(Arc::new(Metrics::new()));
@@ -406,6 +430,7 @@ mod tests {
             "rollout_rollbacks_total{reason=\"unhealthy\"} 0",
             "rollout_artifact_fetches_total 1",
             "rollout_artifact_bytes_sent_total 1024",
+            "rollout_artifact_bytes_read_total 512",
         ] {
             assert!(text.contains(sample), "{sample} missing:\n{text}");
         }

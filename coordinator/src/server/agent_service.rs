@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
-use crate::artifacts::{Artifacts, read_chunk};
+use crate::artifacts::Artifacts;
 use crate::fleet::Fleet;
 use crate::pki::Role;
 use crate::tls::Identity;
@@ -110,7 +110,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
         self.identity(&req)?;
         let r = req.into_inner();
-        let mut file = self
+        let file = self
             .artifacts
             .open(&r.digest, r.offset)
             .await
@@ -122,17 +122,15 @@ impl AgentService for AgentApi {
                 _ => Status::internal(e.to_string()),
             })?;
         let fleet = self.fleet.clone();
+        let artifacts = self.artifacts.clone();
         fleet.metrics().artifact_fetch();
+        let chunks = artifacts.download(r.digest, file, r.offset);
         let stream = async_stream::try_stream! {
-            loop {
-                let chunk = read_chunk(&mut file, rollout_proto::ARTIFACT_CHUNK_BYTES)
-                    .await
-                    .map_err(|e| Status::internal(format!("read artifact: {e}")))?;
-                if chunk.is_empty() {
-                    break;
-                }
-                fleet.metrics().artifact_sent(chunk.len());
-                yield pb::ArtifactChunk { data: chunk };
+            for await chunk in chunks {
+                let chunk = chunk.map_err(|e| Status::internal(e.to_string()))?;
+                fleet.metrics().artifact_read(chunk.read_from_disk);
+                fleet.metrics().artifact_sent(chunk.data.len());
+                yield pb::ArtifactChunk { data: chunk.data.to_vec() };
             }
         };
         Ok(Response::new(Box::pin(stream)))

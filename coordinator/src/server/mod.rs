@@ -129,7 +129,8 @@ pub async fn run(
         }
         None => None,
     };
-    let artifacts = Artifacts::new(config.data_dir.join("artifacts"), config.max_artifact_bytes);
+    let artifacts = Artifacts::new(config.data_dir.join("artifacts"), config.max_artifact_bytes)
+        .with_chunk_cache(config.artifact_cache_bytes);
     let engine = Engine::new(
         store,
         fleet.clone(),
