@@ -214,6 +214,7 @@ async fn one_size(
             port_var: "PORT",
             extra_argv: &[],
             strategy: &strategy,
+            check: util::CheckTolerance::Loose,
         }
         .toml();
         let p = work.path().join(format!("{release}.toml"));

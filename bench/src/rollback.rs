@@ -404,6 +404,7 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
             port_var: "PORT",
             extra_argv: extra,
             strategy: &strategy,
+            check: util::CheckTolerance::Tight,
         }
         .toml();
         let p = work.path().join(format!("{release}.toml"));

@@ -271,6 +271,7 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
             port_var: "PORT",
             extra_argv: &[],
             strategy: &strategy,
+            check: util::CheckTolerance::Loose,
         }
         .toml(),
     )?;

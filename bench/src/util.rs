@@ -595,6 +595,20 @@ pub struct SpecParams<'a> {
     pub extra_argv: &'a [&'a str],
     /// Lines of `[strategy]`.
     pub strategy: &'a str,
+    /// The health check's `timeout` and `failure_threshold`: tight ones
+    /// detect a failure fast (the rollback benchmark); loose ones keep a
+    /// healthy release healthy on a loaded machine (many agents on a
+    /// 2-core box: the overhead benchmark).
+    pub check: CheckTolerance,
+}
+
+/// How forgiving a benchmark spec's health check is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckTolerance {
+    /// `timeout = "500ms"`, `failure_threshold = 2`.
+    Tight,
+    /// `timeout = "2s"`, `failure_threshold = 10`.
+    Loose,
 }
 
 impl SpecParams<'_> {
@@ -621,8 +635,8 @@ stop_timeout = "2s"
 name = "http"
 http = "http://127.0.0.1:${{{port_var}}}/health"
 interval = "100ms"
-timeout = "500ms"
-failure_threshold = 2
+timeout = "{timeout}"
+failure_threshold = {threshold}
 
 [targets]
 labels = {{ role = "web" }}
@@ -635,6 +649,14 @@ labels = {{ role = "web" }}
             art = self.artifact.display().to_string(),
             port_var = self.port_var,
             strategy = self.strategy,
+            timeout = match self.check {
+                CheckTolerance::Tight => "500ms",
+                CheckTolerance::Loose => "2s",
+            },
+            threshold = match self.check {
+                CheckTolerance::Tight => 2,
+                CheckTolerance::Loose => 10,
+            },
         )
     }
 }
