@@ -930,18 +930,24 @@ impl Engine {
             .await?;
         }
         let n = work.len().max(1);
-        futures::stream::iter(work.into_iter().map(|h| {
-            let journaled = ready.contains(&h);
-            async move {
-                if journaled {
-                    self.send_activate(r, h, activate_timeout).await
-                } else {
-                    self.activate_host(r, h, activate_timeout).await
+        // The batch's hosts are driven by this one task: outside tokio's
+        // cooperative budget, or a large batch's sends and results would be
+        // spread over many polls of every pending host (each yielding at once
+        // once the task's 128 operations per poll are spent).
+        tokio::task::unconstrained(
+            futures::stream::iter(work.into_iter().map(|h| {
+                let journaled = ready.contains(&h);
+                async move {
+                    if journaled {
+                        self.send_activate(r, h, activate_timeout).await
+                    } else {
+                        self.activate_host(r, h, activate_timeout).await
+                    }
                 }
-            }
-        }))
-        .buffer_unordered(n)
-        .collect::<Vec<_>>()
+            }))
+            .buffer_unordered(n)
+            .collect::<Vec<_>>(),
+        )
         .await
         .into_iter()
         .collect::<Result<Vec<()>, EngineError>>()?;
@@ -969,20 +975,22 @@ impl Engine {
         let healthy = Duration::from_millis(r.definition().healthy_deadline_ms.max(1000));
         let commit_by = tokio::time::Instant::now() + planner::batch_reconnect_grace(healthy);
         let results: Vec<(String, Result<pb::CommandResult, FleetError>)> =
-            futures::stream::iter(to_commit.into_iter().map(|h| {
-                let cmd = Cmd::Commit(pb::Commit {
-                    service: r.service.clone(),
-                    release: r.release.clone(),
-                });
-                async move {
-                    let res = self
-                        .command_until(&h, cmd, COMMAND_SLACK, commit_by, transport_cut)
-                        .await;
-                    (h, res)
-                }
-            }))
-            .buffer_unordered(n)
-            .collect()
+            tokio::task::unconstrained(
+                futures::stream::iter(to_commit.into_iter().map(|h| {
+                    let cmd = Cmd::Commit(pb::Commit {
+                        service: r.service.clone(),
+                        release: r.release.clone(),
+                    });
+                    async move {
+                        let res = self
+                            .command_until(&h, cmd, COMMAND_SLACK, commit_by, transport_cut)
+                            .await;
+                        (h, res)
+                    }
+                }))
+                .buffer_unordered(n)
+                .collect(),
+            )
             .await;
         self.update(&r.id, |r| {
             let mut events = Vec::new();
@@ -1144,12 +1152,16 @@ impl Engine {
         timeout: Duration,
         parallelism: usize,
     ) -> Vec<(String, Result<pb::CommandResult, FleetError>)> {
-        futures::stream::iter(commands.map(|(h, cmd)| async move {
-            let res = self.fleet.command(&h, cmd, timeout).await;
-            (h, res)
-        }))
-        .buffer_unordered(parallelism.max(1))
-        .collect()
+        // Outside tokio's cooperative budget (as the batch's hosts in
+        // `run_batch`).
+        tokio::task::unconstrained(
+            futures::stream::iter(commands.map(|(h, cmd)| async move {
+                let res = self.fleet.command(&h, cmd, timeout).await;
+                (h, res)
+            }))
+            .buffer_unordered(parallelism.max(1))
+            .collect(),
+        )
         .await
     }
 

@@ -74,8 +74,12 @@ pub async fn ping(fleet: &Fleet, r: pb::PingRequest) -> Result<pb::PingResponse,
         named
     };
     let started = Instant::now();
-    let results =
-        futures::future::join_all(hosts.into_iter().enumerate().map(|(i, host)| async move {
+    // Outside tokio's cooperative budget: one task drives every host's
+    // command, and under the budget (128 operations per poll) the sends to
+    // 10,000 hosts would be spread over dozens of polls of every pending
+    // future, each returning at once to yield.
+    let results = tokio::task::unconstrained(futures::future::join_all(
+        hosts.into_iter().enumerate().map(|(i, host)| async move {
             let sent = Instant::now();
             let cmd = Cmd::Ping(pb::Ping { nonce: i as u64 });
             let res = fleet.command(&host, cmd, timeout).await;
@@ -100,8 +104,9 @@ pub async fn ping(fleet: &Fleet, r: pb::PingRequest) -> Result<pb::PingResponse,
                     error: e.to_string(),
                 },
             }
-        }))
-        .await;
+        }),
+    ))
+    .await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     Ok(pb::PingResponse {
         hosts: results,
