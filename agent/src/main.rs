@@ -461,7 +461,13 @@ fn print_joined(out: &mut dyn std::io::Write, j: &rollout_agent::join::Joined) -
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // At most two workers, whatever the host's size: the agent mostly waits,
+    // its blocking file work goes to the blocking pool, and every worker
+    // costs a stack and a malloc arena. Two keep an artifact's download and
+    // its hashing in parallel with the rest of the agent.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
