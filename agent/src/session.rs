@@ -93,7 +93,7 @@ impl ArtifactSource for GrpcSource {
             };
             loop {
                 match stream.message().await {
-                    Ok(Some(chunk)) => yield Ok(Bytes::from(chunk.data)),
+                    Ok(Some(chunk)) => yield Ok(chunk.data),
                     Ok(None) => return,
                     Err(s) => {
                         yield Err(FetchError::Unavailable(s.message().to_string()));

@@ -130,7 +130,7 @@ impl AgentService for AgentApi {
                 let chunk = chunk.map_err(|e| Status::internal(e.to_string()))?;
                 fleet.metrics().artifact_read(chunk.read_from_disk);
                 fleet.metrics().artifact_sent(chunk.data.len());
-                yield pb::ArtifactChunk { data: chunk.data.to_vec() };
+                yield pb::ArtifactChunk { data: chunk.data };
             }
         };
         Ok(Response::new(Box::pin(stream)))
