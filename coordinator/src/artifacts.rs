@@ -150,13 +150,26 @@ impl Artifacts {
     /// (0: none; every download reads the file itself).
     pub fn with_chunk_cache(mut self, bytes: u64) -> Artifacts {
         let per_chunk = rollout_proto::ARTIFACT_CHUNK_BYTES as u64;
-        self.chunks = (bytes > 0).then(|| {
-            Arc::new(ChunkCache::with_weighter(
-                (bytes / per_chunk).max(1) as usize,
-                bytes,
+        // Downloads of one release stream it from start to end, a little
+        // apart: recency matters, not frequency. One shard, so that the whole
+        // budget is one window over the file, half of it for chunks read but
+        // not yet read again by the other downloads (the default keeps 3 %
+        // for them, and a download a few chunks behind read them again).
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity((bytes / per_chunk).max(1) as usize)
+            .weight_capacity(bytes)
+            .shards(1)
+            .hot_allocation(0.5)
+            .build();
+        self.chunks = match options {
+            Ok(o) if bytes > 0 => Some(Arc::new(ChunkCache::with_options(
+                o,
                 ChunkWeight,
-            ))
-        });
+                Default::default(),
+                Default::default(),
+            ))),
+            _ => None,
+        };
         self
     }
 
@@ -401,6 +414,38 @@ mod tests {
         assert_eq!(
             read, len,
             "8 downloads read {read} bytes of a {len}-byte file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_download_behind_another_by_less_than_half_the_cache_reads_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chunks = 32u64;
+        // A cache of 8 chunks; the second download 3 chunks behind.
+        let (a, digest, _) = stored(dir.path(), chunks as usize * CHUNK, 8 * CHUNK as u64).await;
+        let mut lead = a.open(&digest, 0).await.expect("open");
+        let mut lag = a.open(&digest, 0).await.expect("open");
+        let (mut lead_read, mut lag_read) = (0, 0);
+        for i in 0..chunks + 3 {
+            if i < chunks {
+                lead_read += a
+                    .chunk(&digest, &mut lead, i)
+                    .await
+                    .expect("lead")
+                    .read_from_disk;
+            }
+            if i >= 3 {
+                lag_read += a
+                    .chunk(&digest, &mut lag, i - 3)
+                    .await
+                    .expect("lag")
+                    .read_from_disk;
+            }
+        }
+        assert_eq!(lead_read, chunks as usize * CHUNK);
+        assert_eq!(
+            lag_read, 0,
+            "the download behind read {lag_read} bytes again"
         );
     }
 
