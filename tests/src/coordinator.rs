@@ -111,7 +111,11 @@ impl AgentService for Service {
             .min(data.len());
         let chunks: Vec<Result<pb::ArtifactChunk, Status>> = data[offset..]
             .chunks(64 * 1024)
-            .map(|c| Ok(pb::ArtifactChunk { data: c.to_vec().into() }))
+            .map(|c| {
+                Ok(pb::ArtifactChunk {
+                    data: c.to_vec().into(),
+                })
+            })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
