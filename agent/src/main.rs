@@ -461,13 +461,12 @@ fn print_joined(out: &mut dyn std::io::Write, j: &rollout_agent::join::Joined) -
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // At most two workers, whatever the host's size: the agent mostly waits,
-    // its blocking file work goes to the blocking pool, and every worker
-    // costs a stack and a malloc arena. Two keep an artifact's download and
-    // its hashing in parallel with the rest of the agent.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // One thread runs every task: the agent mostly waits, and its blocking
+    // file work goes to the blocking pool. Worker threads would each cost a
+    // stack and a malloc arena, and tasks moving between them spread their
+    // allocations over the arenas: the agent's RSS kept growing over
+    // deploy+rollback cycles with two workers, and levels off with one.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
