@@ -292,6 +292,7 @@ pub async fn run(
         url: url.clone(),
         certs: Some(pki.clone()),
         insecure_dev: false,
+        answer_timeout: crate::cli::ANSWER_TIMEOUT,
     };
     let mut client = Client::connect(&conn).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

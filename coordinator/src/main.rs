@@ -26,6 +26,11 @@ struct Cli {
     /// Plaintext, no certificates: throw-away local setups only.
     #[arg(long, global = true)]
     insecure_dev: bool,
+    /// How long to wait for the coordinator to start answering a request
+    /// before failing (uploads, pings and fleet rollbacks are bounded by
+    /// their own size or timeout instead).
+    #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    answer_timeout: std::time::Duration,
     /// Output format of listings.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -243,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         },
         certs: cli.certs.clone(),
         insecure_dev: cli.insecure_dev,
+        answer_timeout: cli.answer_timeout,
     };
     let output = match cli.output {
         Format::Table => Output::Table,

@@ -98,6 +98,9 @@ pub struct Connection {
     pub certs: Option<PathBuf>,
     /// Plaintext.
     pub insecure_dev: bool,
+    /// How long a call may wait for the coordinator to start answering
+    /// ([`ANSWER_TIMEOUT`] unless the operator says otherwise).
+    pub answer_timeout: Duration,
 }
 
 /// Output format.
@@ -126,6 +129,22 @@ fn transport_detail(s: &tonic::Status) -> Option<String> {
 fn classify(url: &str, plaintext: bool, s: &tonic::Status) -> CliError {
     let msg = s.message().to_string();
     let lower = format!("{msg} {:?}", s).to_lowercase();
+    // No answer within ANSWER_TIMEOUT (the connection may have been closed
+    // under a request that was then never failed).
+    if lower.contains("timeout expired") || lower.contains("request timed out") {
+        let message = "no answer within --answer-timeout".to_string();
+        return if plaintext {
+            CliError::PlaintextRefused {
+                url: url.to_string(),
+                message,
+            }
+        } else {
+            CliError::Unreachable {
+                url: url.to_string(),
+                message,
+            }
+        };
+    }
     if lower.contains("certificate")
         || lower.contains("unknownca")
         || lower.contains("tls")
@@ -165,10 +184,27 @@ fn classify(url: &str, plaintext: bool, s: &tonic::Status) -> CliError {
     }
 }
 
+/// How long the CLI waits by default (`--answer-timeout`) for the
+/// coordinator to start answering a request (a stream's first answer; an
+/// upload, a ping and a fleet rollback are bounded by their size or timeout
+/// instead): the CLI fails with a clear error rather than hang on a
+/// coordinator that took the connection and never answers.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An upload may take this long per MiB, over [`ANSWER_TIMEOUT`].
+const UPLOAD_TIME_PER_MIB: Duration = Duration::from_secs(1);
+
 /// A connected client.
 #[derive(Debug)]
 pub struct Client {
-    inner: ControlServiceClient<Channel>,
+    /// Every call bounded by [`ANSWER_TIMEOUT`], from the moment it is made
+    /// (also while it waits for a connection).
+    inner: ControlServiceClient<tower::timeout::Timeout<Channel>>,
+    /// For calls whose answer may take longer than [`ANSWER_TIMEOUT`] (an
+    /// upload, a ping with a long `--timeout`, a fleet rollback): see
+    /// [`Client::long`].
+    long: Endpoint,
+    answer_timeout: Duration,
     url: String,
     plaintext: bool,
 }
@@ -208,6 +244,7 @@ impl Client {
                 .tls_config(tls)
                 .map_err(|e| CliError::Invalid(format!("TLS setup: {e}")))?;
         }
+        let long = ep.clone();
         let ch = ep.connect().await.map_err(|e| {
             let detail = std::error::Error::source(&e)
                 .map(|s| s.to_string())
@@ -221,15 +258,53 @@ impl Client {
             unreachable(detail)
         })?;
         Ok(Client {
-            inner: ControlServiceClient::new(ch)
+            inner: ControlServiceClient::new(tower::timeout::Timeout::new(ch, c.answer_timeout))
                 .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES),
+            long,
+            answer_timeout: c.answer_timeout,
             url: c.url.clone(),
             plaintext: c.insecure_dev || c.url.starts_with("http://"),
         })
     }
 
+    /// A client without [`ANSWER_TIMEOUT`], on a connection of its own, for
+    /// a call whose answer may take longer; its caller bounds the call.
+    pub async fn long(&self) -> Result<ControlServiceClient<Channel>, CliError> {
+        let ch = self
+            .long
+            .connect()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(ControlServiceClient::new(ch)
+            .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// The answer timeout of this client's calls.
+    pub fn answer_timeout(&self) -> Duration {
+        self.answer_timeout
+    }
+
+    /// `err` for a call that got no answer within `limit`.
+    pub fn no_answer(&self, limit: Duration) -> CliError {
+        let message = format!("no answer within {limit:?}");
+        if self.plaintext {
+            CliError::PlaintextRefused {
+                url: self.url.clone(),
+                message,
+            }
+        } else {
+            CliError::Unreachable {
+                url: self.url.clone(),
+                message,
+            }
+        }
+    }
+
     /// The raw gRPC client.
-    pub fn raw(&mut self) -> &mut ControlServiceClient<Channel> {
+    pub fn raw(&mut self) -> &mut ControlServiceClient<tower::timeout::Timeout<Channel>> {
         &mut self.inner
     }
 
@@ -353,11 +428,19 @@ pub async fn deploy(
             chunks.push(pb::UploadChunk::default());
         }
         chunks[0].digest = digest.clone();
-        let r = client
-            .inner
-            .upload_artifact(tokio_stream::iter(chunks))
+        let limit = client.answer_timeout
+            + UPLOAD_TIME_PER_MIB * (size >> 20).try_into().unwrap_or(u32::MAX);
+        let upload = async {
+            client
+                .long()
+                .await?
+                .upload_artifact(tokio_stream::iter(chunks))
+                .await
+                .map_err(|s| client.err(s))
+        };
+        let r = tokio::time::timeout(limit, upload)
             .await
-            .map_err(|s| client.err(s))?
+            .map_err(|_| client.no_answer(limit))??
             .into_inner();
         (r.digest, size)
     };
@@ -543,9 +626,12 @@ pub async fn rollback(
     output: Output,
     out: &mut dyn Write,
 ) -> Result<bool, CliError> {
-    let mut client = Client::connect(conn).await?;
+    let client = Client::connect(conn).await?;
+    // Answered once every host has answered its rollback: not bounded by
+    // ANSWER_TIMEOUT.
     let r = client
-        .inner
+        .long()
+        .await?
         .rollback_service(pb::RollbackServiceRequest {
             service: service.to_string(),
             to_release: to.unwrap_or_default().to_string(),
@@ -783,4 +869,57 @@ pub async fn events(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A "coordinator" that takes connections and never answers (nor
+    /// closes them) until the test ends.
+    async fn silent() -> (String, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_that_never_answers_fails_the_call_with_the_cause() {
+        let (url, task) = silent().await;
+        let conn = Connection {
+            url: url.clone(),
+            certs: None,
+            insecure_dev: true,
+            answer_timeout: Duration::from_millis(300),
+        };
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        let err = hosts(&conn, Output::Table, &mut out)
+            .await
+            .expect_err("no answer");
+        let text = err.to_string();
+        assert!(text.contains("no answer"), "{text}");
+        assert!(text.contains("https://"), "{text}");
+        // Bounded by the answer timeout, not by the test's.
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let err = crate::cli::ping::ping(
+            &conn,
+            &[],
+            Duration::from_millis(200),
+            Output::Table,
+            &mut out,
+        )
+        .await
+        .expect_err("no answer");
+        assert!(err.to_string().contains("no answer within"), "{err}");
+        task.abort();
+    }
 }

@@ -35,15 +35,23 @@ pub async fn ping(
             "--timeout must be longer than 0, e.g. --timeout 10s".into(),
         ));
     }
-    let mut client = Client::connect(conn).await?;
-    let r = client
-        .inner
-        .ping(pb::PingRequest {
-            hosts: hosts.to_vec(),
-            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
-        })
+    let client = Client::connect(conn).await?;
+    // Answered after the slowest host or `timeout`: bounded by that.
+    let limit = timeout + client.answer_timeout();
+    let ping = async {
+        client
+            .long()
+            .await?
+            .ping(pb::PingRequest {
+                hosts: hosts.to_vec(),
+                timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            })
+            .await
+            .map_err(|s| client.err(s))
+    };
+    let r = tokio::time::timeout(limit, ping)
         .await
-        .map_err(|s| client.err(s))?
+        .map_err(|_| client.no_answer(limit))??
         .into_inner();
     let mut rtts: Vec<u64> = r.hosts.iter().filter(|h| h.ok).map(|h| h.rtt_us).collect();
     rtts.sort_unstable();
