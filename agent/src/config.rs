@@ -5,7 +5,8 @@
 //! `[coordinator] keepalive_interval` / `keepalive_timeout` (default 10 s
 //! each, 100 ms..1 h) pace the HTTP/2 pings on the connection to the
 //! coordinator: a silent partition or a frozen coordinator is noticed, and a
-//! reconnect started, within their sum.
+//! reconnect started, within their sum. One connection attempt may take
+//! `keepalive_timeout`, at most 5 s, before it is retried.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -136,6 +136,14 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// How long one attempt to connect may take: the keepalive timeout (the
+/// time a silent peer is given), at most 5 s. A connection attempt whose SYN
+/// was lost in a network blip is then retried soon after the network heals,
+/// not only after a long TCP timeout.
+pub fn connect_timeout(config: &CoordinatorConfig) -> Duration {
+    config.keepalive_timeout.min(Duration::from_secs(5))
+}
+
 /// Builds the channel to the coordinator (lazily connected).
 pub fn endpoint(config: &CoordinatorConfig) -> Result<Channel, SessionError> {
     let ep_err = |message: String| SessionError::Endpoint {
@@ -144,7 +152,7 @@ pub fn endpoint(config: &CoordinatorConfig) -> Result<Channel, SessionError> {
     };
     let mut ep = Endpoint::from_shared(config.url.clone())
         .map_err(|e| ep_err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(connect_timeout(config))
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true);
@@ -385,4 +393,28 @@ async fn handle(
         warn!(command = %id, error = %f.error, retryable = f.retryable, "command failed");
     }
     let _ = tx.send(result_msg(&id, r)).await;
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    fn config(keepalive_timeout: Duration) -> CoordinatorConfig {
+        CoordinatorConfig {
+            url: "http://127.0.0.1:1".into(),
+            tls: None,
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout,
+        }
+    }
+
+    #[test]
+    fn a_connection_attempt_is_given_the_keepalive_timeout_at_most_5_s() {
+        let t = |ms| connect_timeout(&config(Duration::from_millis(ms)));
+        assert_eq!(t(1_500), Duration::from_millis(1_500));
+        assert_eq!(t(10_000), Duration::from_secs(5));
+        assert_eq!(t(100), Duration::from_millis(100));
+    }
 }
