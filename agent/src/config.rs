@@ -175,7 +175,8 @@ pub struct AgentConfig {
     pub coordinator: Option<CoordinatorConfig>,
     /// Log format.
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `rollout_agent=debug`.
+    /// Log filter, e.g. `info` or `info,rollout_agent=debug` (checked by
+    /// [`log_filter`]).
     pub log_level: String,
     /// Test-only crash point (honoured only in builds with `crash-points`).
     pub crash_at: Option<String>,
@@ -199,6 +200,29 @@ pub const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
 pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
 /// Default admin socket file name inside the data directory.
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
+/// The log filter of `[log] level`: a default level and `target=level`
+/// directives, comma-separated (`info,rollout_agent=debug`).
+/// A bare word must be a level: read as a target, a misspelt level (`inof`)
+/// would silently turn every other log line off.
+pub fn log_filter(level: &str) -> Result<tracing_subscriber::filter::Targets, ConfigError> {
+    const FIX: &str = "use a level (off, error, warn, info, debug, trace), optionally followed by target=level directives, e.g. \"info,rollout_agent=debug\"";
+    let bad = |why: String| {
+        invalid(
+            "log.level",
+            format!("{level:?} is not a log filter: {why}; {FIX}"),
+        )
+    };
+    for part in level.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(bad("it has an empty directive".into()));
+        }
+        if !part.contains('=') && part.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return Err(bad(format!("{part:?} is not a level")));
+        }
+    }
+    level.parse().map_err(|e| bad(format!("{e}")))
+}
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -374,6 +398,8 @@ impl AgentConfig {
                 })
             }
         };
+        let log_level = raw.log.level.unwrap_or_else(|| "info".into());
+        log_filter(&log_level)?;
         Ok(AgentConfig {
             host,
             labels: raw.labels,
@@ -387,7 +413,7 @@ impl AgentConfig {
             archive_limits,
             coordinator,
             log_format: raw.log.format,
-            log_level: raw.log.level.unwrap_or_else(|| "info".into()),
+            log_level,
             crash_at: raw.testing.crash_at,
             metrics_listen,
         })
@@ -400,6 +426,23 @@ mod tests {
 
     fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(s, Path::new("agent.toml"), "node-1")
+    }
+
+    #[test]
+    fn log_level_takes_a_level_and_target_directives() {
+        for ok in ["info", "debug,rollout_agent=trace", "warn, sled=off", "off"] {
+            let c = parse(&format!("[log]\nlevel = {ok:?}")).expect(ok);
+            assert_eq!(c.log_level, ok);
+        }
+        for bad in ["inof", "info,rollout_agent=loud", "", "info,,"] {
+            let e = parse(&format!("[log]\nlevel = {bad:?}"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("log.level") && e.contains("e.g. \"info,rollout_agent=debug\""),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -139,15 +139,19 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf> {
 }
 
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // `AgentConfig` has already refused a filter that does not parse.
+    let filter = rollout_agent::config::log_filter(level).unwrap_or_default();
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => tracing_subscriber::registry().with(fmt).with(filter).init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(fmt.json())
+            .with(filter)
+            .init(),
     }
 }
 

@@ -29,15 +29,27 @@ pub struct Args {
     /// Deploy+rollback cycles (full: 1000, quick: 10).
     #[arg(long)]
     pub cycles: Option<usize>,
+    /// Runs the `--runs` agents side by side instead of one after another:
+    /// their idle windows open and close together (nothing else runs in
+    /// them), then their cycles run at the same time.
+    #[arg(long)]
+    pub parallel: bool,
 }
 
 const SERVICES: [&str; 3] = ["svc-a", "svc-b", "svc-c"];
 
 struct RunResult {
     idle_rss: f64,
+    idle_anon: f64,
+    idle_file: f64,
     idle_cpu: f64,
     before_cycles_rss: f64,
+    /// RSS after the first tenth of the cycles (code paths and allocator
+    /// pools the cycles use are in by then).
+    warm_rss: f64,
     after_cycles_rss: f64,
+    after_anon: f64,
+    after_file: f64,
     cycle_ms: f64,
 }
 
@@ -53,14 +65,32 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
         ),
     );
     let mut results = Vec::new();
-    for i in 0..ctx.runs {
-        note(format!("footprint run {}/{}", i + 1, ctx.runs));
-        results.push(one_run(ctx, idle, cycles).await?);
+    if args.parallel {
+        note(format!("footprint: {} runs side by side", ctx.runs));
+        let barrier = tokio::sync::Barrier::new(ctx.runs);
+        let runs = (0..ctx.runs).map(|_| one_run(ctx, idle, cycles, Some(&barrier)));
+        // The first failure drops the other runs (none is left at the barrier).
+        results = futures::future::try_join_all(runs).await?;
+    } else {
+        for i in 0..ctx.runs {
+            note(format!("footprint run {}/{}", i + 1, ctx.runs));
+            results.push(one_run(ctx, idle, cycles, None).await?);
+        }
     }
     block.finish();
     let col = |f: fn(&RunResult) -> f64| results.iter().map(f).collect::<Vec<_>>();
+    let binary = ctx.bin("rollout-agent")?;
+    let binary_mib = mib(std::fs::metadata(&binary)
+        .with_context(|| binary.display().to_string())?
+        .len());
     block.figures = vec![
+        Figure::plain(
+            "agent binary (MiB)",
+            results.iter().map(|_| binary_mib).collect(),
+        ),
         Figure::at_most("idle RSS (MiB)", col(|r| r.idle_rss), 8.0, "≤ 8 MiB"),
+        Figure::plain("idle RssAnon: heap, stacks (MiB)", col(|r| r.idle_anon)),
+        Figure::plain("idle RssFile: binary, libc (MiB)", col(|r| r.idle_file)),
         Figure::at_most(
             "idle CPU (% of one core)",
             col(|r| r.idle_cpu),
@@ -78,9 +108,29 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
             1.0,
             "≤ 1 MiB (after 1,000 cycles)",
         ),
+        Figure::plain(
+            "of which RssAnon (MiB)",
+            col(|r| r.after_anon - r.idle_anon),
+        ),
+        Figure::plain(
+            "of which RssFile (MiB)",
+            col(|r| r.after_file - r.idle_file),
+        ),
+        Figure::plain(
+            format!(
+                "RSS growth from cycle {} to {cycles} (MiB)",
+                warm_up(cycles)
+            ),
+            col(|r| r.after_cycles_rss - r.warm_rss),
+        ),
         Figure::plain("one deploy+rollback cycle (ms)", col(|r| r.cycle_ms)),
     ];
     ctx.publish(&block)
+}
+
+/// The cycle after which RSS is read a second time: a tenth of the way.
+fn warm_up(cycles: usize) -> usize {
+    (cycles / 10).max(1).min(cycles)
 }
 
 fn definition(
@@ -110,7 +160,14 @@ async fn deploy(fake: &FakeCoordinator, host: &str, def: pb::ServiceDefinition) 
     Ok(())
 }
 
-async fn one_run(ctx: &Ctx, idle: Duration, cycles: usize) -> Result<RunResult> {
+/// One agent's run. With `together`, waits for the other runs before the
+/// idle window opens and after it closes.
+async fn one_run(
+    ctx: &Ctx,
+    idle: Duration,
+    cycles: usize,
+    together: Option<&tokio::sync::Barrier>,
+) -> Result<RunResult> {
     let fake = FakeCoordinator::start().await?;
     let host = "footprint";
     let agent = BenchAgent::start(ctx, host, &fake.url(), &[], "").await?;
@@ -128,11 +185,18 @@ async fn one_run(ctx: &Ctx, idle: Duration, cycles: usize) -> Result<RunResult> 
     }
     // Let start-up work settle before the idle window opens.
     tokio::time::sleep(Duration::from_secs(if ctx.quick { 2 } else { 10 })).await;
+    if let Some(b) = together {
+        b.wait().await;
+    }
     let a = util::sample_proc(pid)?;
     tokio::time::sleep(idle).await;
     let b = util::sample_proc(pid)?;
+    if let Some(b) = together {
+        b.wait().await;
+    }
     let idle_cpu = util::cpu_percent(&a, &b);
     let idle_rss = mib(b.rss_bytes);
+    let (idle_anon, idle_file) = (mib(b.rss_anon_bytes), mib(b.rss_file_bytes));
     note(format!(
         "idle: RSS {idle_rss:.2} MiB, CPU {idle_cpu:.3} % over {} s",
         idle.as_secs()
@@ -141,6 +205,7 @@ async fn one_run(ctx: &Ctx, idle: Duration, cycles: usize) -> Result<RunResult> 
     let svc = SERVICES[0];
     let port = ports[0];
     let started = Instant::now();
+    let mut warm_rss = idle_rss;
     for k in 1..=cycles {
         let release = format!("c{k}");
         deploy(&fake, host, definition(svc, &release, &digest, port, true))
@@ -159,6 +224,9 @@ async fn one_run(ctx: &Ctx, idle: Duration, cycles: usize) -> Result<RunResult> 
         if !r.ok {
             bail!("cycle {k}: rollback failed: {}", r.error);
         }
+        if k == warm_up(cycles) {
+            warm_rss = mib(util::sample_proc(pid)?.rss_bytes);
+        }
         if k % 100 == 0 {
             note(format!(
                 "cycle {k}/{cycles}: RSS {:.2} MiB",
@@ -176,9 +244,14 @@ async fn one_run(ctx: &Ctx, idle: Duration, cycles: usize) -> Result<RunResult> 
     ));
     Ok(RunResult {
         idle_rss,
+        idle_anon,
+        idle_file,
         idle_cpu,
         before_cycles_rss: idle_rss,
+        warm_rss,
         after_cycles_rss,
+        after_anon: mib(after.rss_anon_bytes),
+        after_file: mib(after.rss_file_bytes),
         cycle_ms,
     })
 }

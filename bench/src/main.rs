@@ -40,9 +40,13 @@ struct Cli {
     /// Repeats of each measurement (default 3; 1 with --quick).
     #[arg(long, global = true)]
     runs: Option<usize>,
-    /// Directory of the release binaries (rollout, rollout-agent, sample-service).
+    /// Directory of the release binaries (rollout, sample-service).
     #[arg(long, global = true, default_value = "target/release")]
     bin_dir: PathBuf,
+    /// The agent binary, as shipped: built with the size-tuned `agent`
+    /// profile (`cargo build --profile agent -p rollout-agent`).
+    #[arg(long, global = true, default_value = "target/agent/rollout-agent")]
+    agent_bin: PathBuf,
     /// Also append each Markdown result block to this file.
     #[arg(long, global = true)]
     append: Option<PathBuf>,
@@ -78,6 +82,7 @@ fn main() -> Result<()> {
         quick: cli.quick,
         runs: cli.runs.unwrap_or(if cli.quick { 1 } else { 3 }).max(1),
         bin_dir,
+        agent_bin: std::path::absolute(&cli.agent_bin)?,
         append: cli.append,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };

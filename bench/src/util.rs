@@ -13,6 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use rollout_proto::pb;
 
+/// Builds the binaries of [`Ctx::bin_dir`].
+pub const BUILD_RELEASE: &str =
+    "cargo build --release -p rollout-coordinator -p rollout-sample-service -p rollout-bench";
+/// Builds [`Ctx::agent_bin`].
+pub const BUILD_AGENT: &str = "cargo build --profile agent -p rollout-agent";
+
 /// How every benchmark runs.
 #[derive(Debug, Clone)]
 pub struct Ctx {
@@ -22,6 +28,8 @@ pub struct Ctx {
     pub runs: usize,
     /// Where the release binaries are.
     pub bin_dir: PathBuf,
+    /// The agent binary (built with the `agent` profile).
+    pub agent_bin: PathBuf,
     /// Markdown result blocks are appended here too, when set.
     pub append: Option<PathBuf>,
     /// The command line, as run.
@@ -34,12 +42,22 @@ impl Ctx {
         if self.quick { "quick" } else { "full" }
     }
 
-    /// A binary from [`Ctx::bin_dir`]; fails with the fix when missing.
+    /// A binary from [`Ctx::bin_dir`] (`rollout-agent`: [`Ctx::agent_bin`]);
+    /// fails with the fix when missing.
     pub fn bin(&self, name: &str) -> Result<PathBuf> {
+        if name == "rollout-agent" {
+            if !self.agent_bin.is_file() {
+                bail!(
+                    "{} is missing: build the agent first with `{BUILD_AGENT}`, or pass --agent-bin",
+                    self.agent_bin.display()
+                );
+            }
+            return Ok(self.agent_bin.clone());
+        }
         let p = self.bin_dir.join(name);
         if !p.is_file() {
             bail!(
-                "{} is missing: build the release binaries first with `cargo build --release -p rollout-agent -p rollout-coordinator -p rollout-sample-service -p rollout-bench`, or pass --bin-dir",
+                "{} is missing: build the release binaries first with `{BUILD_RELEASE}`, or pass --bin-dir",
                 p.display()
             );
         }
@@ -319,6 +337,10 @@ pub struct ProcSample {
     pub at: Instant,
     /// `VmRSS`, bytes.
     pub rss_bytes: u64,
+    /// `RssAnon` (heap, stacks), bytes.
+    pub rss_anon_bytes: u64,
+    /// `RssFile` (mapped binary and libraries), bytes.
+    pub rss_file_bytes: u64,
     /// `utime + stime`, clock ticks.
     pub cpu_ticks: u64,
 }
@@ -327,12 +349,17 @@ pub struct ProcSample {
 pub fn sample_proc(pid: u32) -> Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} is gone"))?;
-    let rss_kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/<pid>/status")?;
+    let kib = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {key} in /proc/{pid}/status"))
+    };
+    let rss_kib = kib("VmRSS:")?;
+    let anon_kib = kib("RssAnon:")?;
+    let file_kib = kib("RssFile:")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which ends at the last ')'.
     let rest = stat
@@ -346,6 +373,8 @@ pub fn sample_proc(pid: u32) -> Result<ProcSample> {
     Ok(ProcSample {
         at: Instant::now(),
         rss_bytes: rss_kib * 1024,
+        rss_anon_bytes: anon_kib * 1024,
+        rss_file_bytes: file_kib * 1024,
         cpu_ticks: utime + stime,
     })
 }
