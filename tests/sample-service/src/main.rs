@@ -21,7 +21,9 @@
 //!
 //! Endpoints: `GET /` → `version=<v>\n` (plus `host=<SAMPLE_HOST>\n` when that
 //! variable is set), `GET /health` → 200 `ok` or 500 `unhealthy`,
-//! `GET /version` → `<v>\n`. Every response closes its connection.
+//! `GET /version` → `<v>\n`. Connections are kept alive, as real HTTP/1.1
+//! services keep them, until the client asks to close (`connection: close`,
+//! or HTTP/1.0) or sends nothing for 10 s.
 //!
 //! Exit codes: 1 after `exit_after_ms`, 2 when binding fails (real or
 //! `bind_fail`), 3 on bad configuration.
@@ -153,7 +155,7 @@ fn run(config: Config, host: Option<String>) -> ExitCode {
                 std::thread::spawn(move || {
                     let (config, host) = &*state;
                     // A client that vanishes mid-request is its own problem.
-                    let _ = serve(stream, config, host.as_deref(), started.elapsed());
+                    let _ = serve(stream, config, host.as_deref(), started);
                 });
             }
             Err(e) => eprintln!("sample-service: accept: {e}"),
@@ -184,40 +186,59 @@ fn burn_cpu(percent: u32) {
     }
 }
 
-/// Reads one request and answers it, then closes the connection; `uptime`
-/// is how long the service has been listening.
+/// Answers requests on one connection until the client closes it, asks to
+/// close it or goes quiet for 10 s; `started` is when the service began
+/// listening.
 fn serve(
     stream: TcpStream,
     config: &Config,
     host: Option<&str>,
-    uptime: Duration,
+    started: Instant,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Drain the headers; there is never a body worth reading.
-    let mut read = request_line.len();
+    let mut out = stream;
     loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line)?;
-        read += n;
-        if n == 0 || line == "\r\n" || line == "\n" || read > MAX_HEAD {
-            break;
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        // Drain the headers; there is never a body worth reading.
+        let mut read = request_line.len();
+        let mut close = request_line.trim_end().ends_with("HTTP/1.0");
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line)?;
+            read += n;
+            if n == 0 || line == "\r\n" || line == "\n" || read > MAX_HEAD {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.trim().eq_ignore_ascii_case("connection")
+                && value.trim().eq_ignore_ascii_case("close")
+            {
+                close = true;
+            }
+        }
+        let (status, body) = match parse_request_line(&request_line) {
+            Some((method, path)) => respond(config, host, method, path, started.elapsed()),
+            None => {
+                close = true;
+                (400, "bad request\n".to_owned())
+            }
+        };
+        write!(
+            out,
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+            reason(status),
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        )?;
+        out.flush()?;
+        if close {
+            return Ok(());
         }
     }
-    let (status, body) = match parse_request_line(&request_line) {
-        Some((method, path)) => respond(config, host, method, path, uptime),
-        None => (400, "bad request\n".to_owned()),
-    };
-    let mut out = stream;
-    write!(
-        out,
-        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        reason(status),
-        body.len()
-    )?;
-    out.flush()
 }
 
 /// Method and path (without query) of `GET /x?y HTTP/1.1`.
@@ -500,23 +521,50 @@ mod tests {
     }
 
     #[test]
-    fn serves_over_tcp_and_closes() {
+    fn keeps_the_connection_until_the_client_asks_to_close() {
         use std::io::Read;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let config = resolve("port=0\nversion=v7", None, &[]).expect("valid");
         let server = std::thread::spawn(move || {
             let (stream, _) = listener.accept().expect("accept");
-            serve(stream, &config, None, Duration::ZERO).expect("serve");
+            serve(stream, &config, None, Instant::now()).expect("serve");
         });
         let mut client = TcpStream::connect(addr).expect("connect");
+        // Two requests on one connection; the second asks to close it.
         client
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n",
+            )
             .expect("write");
         let mut response = String::new();
         client.read_to_string(&mut response).expect("read to close");
         server.join().expect("server thread");
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        let (first, second) = response
+            .split_once("version=v7\n")
+            .unwrap_or_else(|| panic!("no first body: {response}"));
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(!first.contains("connection: close"), "{response}");
+        assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(second.contains("connection: close\r\n"), "{response}");
+        assert!(second.ends_with("\r\n\r\nok"), "{response}");
+    }
+
+    #[test]
+    fn closes_after_an_http_1_0_request() {
+        use std::io::Read;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = resolve("port=0\nversion=v7", None, &[]).expect("valid");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            serve(stream, &config, None, Instant::now()).expect("serve");
+        });
+        let mut client = TcpStream::connect(addr).expect("connect");
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
+        let mut response = String::new();
+        client.read_to_string(&mut response).expect("read to close");
+        server.join().expect("server thread");
         assert!(response.ends_with("\r\n\r\nversion=v7\n"), "{response}");
     }
 }
