@@ -116,7 +116,7 @@ impl AgentAdmin for AdminService {
             })
             .collect();
         let history = store
-            .history(&svc, 1000)
+            .history(&svc, crate::state::HISTORY_KEEP)
             .map_err(to_status)?
             .iter()
             .map(history_to_pb)

@@ -144,6 +144,26 @@ pub fn connect_timeout(config: &CoordinatorConfig) -> Duration {
     config.keepalive_timeout.min(Duration::from_secs(5))
 }
 
+/// Opens the session's stream. The name lookup, TCP, TLS, HTTP/2 and the
+/// coordinator's answer together get `limit` ([`connect_timeout`]): a lookup
+/// sent while the network was down waits out the resolver's own timeout (5 s
+/// in glibc), which the connection's TCP timeout does not cover, and would
+/// hold the reconnect past the coordinator's grace for a host cut
+/// mid-activation.
+async fn open_stream(
+    client: &mut AgentServiceClient<Channel>,
+    outbound: mpsc::Receiver<pb::AgentMessage>,
+    limit: Duration,
+) -> Result<tonic::Streaming<pb::CoordinatorMessage>, String> {
+    match tokio::time::timeout(limit, client.connect(ReceiverStream::new(outbound))).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(format!("connect: {}", s.message())),
+        Err(_) => Err(format!(
+            "connect: no answer within {limit:?} (name lookup, connection and the coordinator's answer together); trying again"
+        )),
+    }
+}
+
 /// Builds the channel to the coordinator (lazily connected).
 pub fn endpoint(config: &CoordinatorConfig) -> Result<Channel, SessionError> {
     let ep_err = |message: String| SessionError::Endpoint {
@@ -231,11 +251,7 @@ impl Session {
             })),
         };
         tx.send(hello).await.map_err(|e| e.to_string())?;
-        let mut inbound = client
-            .connect(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("connect: {}", s.message()))?
-            .into_inner();
+        let mut inbound = open_stream(&mut client, rx, connect_timeout(&self.config)).await?;
         self.source.set(Some(channel));
         let _ = self.connected.send(true);
         info!(url = %self.config.url, host = %self.host, "connected to the coordinator");
@@ -408,6 +424,37 @@ mod connect_tests {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout,
         }
+    }
+
+    #[tokio::test]
+    async fn opening_the_stream_gives_up_on_a_silent_coordinator_within_the_limit() {
+        // Accepts connections and never answers (as a lookup or a peer lost
+        // in a network cut would leave the attempt waiting).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let mut c = config(Duration::from_millis(300));
+        c.url = format!("http://{addr}");
+        let mut client = AgentServiceClient::new(endpoint(&c).expect("endpoint"));
+        let (_tx, rx) = mpsc::channel(1);
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            open_stream(&mut client, rx, connect_timeout(&c)),
+        )
+        .await
+        .expect("the attempt must end on its own, within its limit");
+        let e = r.expect_err("a silent coordinator is an error");
+        assert!(e.contains("no answer within 300ms"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        held.abort();
     }
 
     #[test]

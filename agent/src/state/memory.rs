@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{HistoryEntry, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write};
+use super::{
+    HISTORY_KEEP, HistoryEntry, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write,
+};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -53,7 +55,17 @@ impl StateStore for MemoryStore {
         for mut h in write.history {
             inner.seq += 1;
             h.seq = inner.seq;
-            inner.history.insert((h.service.clone(), h.seq), h);
+            let service = h.service.clone();
+            inner.history.insert((service.clone(), h.seq), h);
+            let kept: Vec<u64> = inner
+                .history
+                .keys()
+                .filter(|(s, _)| *s == service)
+                .map(|(_, seq)| *seq)
+                .collect();
+            for seq in &kept[..kept.len().saturating_sub(HISTORY_KEEP)] {
+                inner.history.remove(&(service.clone(), *seq));
+            }
         }
         Ok(())
     }

@@ -223,9 +223,15 @@ pub trait StateStore: Send + Sync + 'static {
     fn releases(&self, service: &str) -> Result<Vec<ReleaseRecord>, StoreError>;
     /// One staged release.
     fn release(&self, service: &str, release: &str) -> Result<Option<ReleaseRecord>, StoreError>;
-    /// The newest `limit` history entries of a service, oldest first.
+    /// The newest `limit` history entries of a service, oldest first. A
+    /// store keeps the newest [`HISTORY_KEEP`] of each service.
     fn history(&self, service: &str, limit: usize) -> Result<Vec<HistoryEntry>, StoreError>;
 }
+
+/// History entries kept per service; a commit that adds entries drops the
+/// oldest beyond this, so the journal's size (on disk and in sled's cache)
+/// stays bounded however many deploys a host sees.
+pub const HISTORY_KEEP: usize = 1000;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {

@@ -10,11 +10,14 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{HistoryEntry, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write};
+use super::{
+    HISTORY_KEEP, HistoryEntry, ReleaseRecord, ServiceRecord, StateStore, StoreError, Write,
+};
 
 /// sled's page cache (its default is 1 GiB). The agent reads a few records
-/// per service and the newest history lines; the cache bounds the memory that
-/// an ever longer history would otherwise keep resident.
+/// per service and the newest history lines; with the history trimmed to
+/// [`HISTORY_KEEP`] entries per service the whole database of a host with a
+/// few services fits.
 const CACHE_CAPACITY_BYTES: u64 = 2 << 20;
 
 /// Period of sled's background flusher (its default is 500 ms). Every
@@ -92,6 +95,25 @@ impl SledStore {
         Ok(SledStore { db })
     }
 
+    /// Drops a service's history entries beyond the newest [`HISTORY_KEEP`].
+    fn trim_history(&self, service: &str) -> Result<(), StoreError> {
+        let prefix = hist_prefix(service);
+        let Some(newest_dropped) = self.db.scan_prefix(&prefix).keys().rev().nth(HISTORY_KEEP)
+        else {
+            return Ok(());
+        };
+        let newest_dropped = newest_dropped.map_err(backend("scan history"))?;
+        let mut batch = sled::Batch::default();
+        for k in self
+            .db
+            .range(prefix.as_slice()..=newest_dropped.as_ref())
+            .keys()
+        {
+            batch.remove(k.map_err(backend("scan history"))?);
+        }
+        self.db.apply_batch(batch).map_err(backend("trim history"))
+    }
+
     fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(prefix) {
@@ -130,14 +152,19 @@ impl StateStore for SledStore {
         for (s, r) in &write.delete_releases {
             batch.remove(rel_key(s, r));
         }
+        let mut history_of = std::collections::BTreeSet::new();
         for mut h in write.history {
             h.seq = self.db.generate_id().map_err(backend("history id"))?;
             let mut key = hist_prefix(&h.service);
             key.extend_from_slice(&h.seq.to_be_bytes());
             let v = encode(&key, &h)?;
             batch.insert(key, v);
+            history_of.insert(h.service);
         }
         self.db.apply_batch(batch).map_err(backend("write"))?;
+        for service in &history_of {
+            self.trim_history(service)?;
+        }
         self.db.flush().map_err(backend("flush"))?;
         Ok(())
     }

@@ -125,3 +125,50 @@ fn sled_store_keeps_the_contract_and_survives_reopen() {
         .expect("commit");
     assert!(store.history("web", 1).expect("h")[0].seq > before);
 }
+
+/// Keeps the newest [`HISTORY_KEEP`] entries of each service, whatever the
+/// commits carry, and leaves other services' history alone.
+fn history_is_trimmed(store: &dyn StateStore) {
+    store
+        .commit(Write {
+            history: vec![hist("other", "a", "staged")],
+            ..Default::default()
+        })
+        .expect("commit");
+    // One commit with many entries, then single entries.
+    let many = (0..HISTORY_KEEP + 5)
+        .map(|i| hist("web", &format!("r{i}"), "staged"))
+        .collect();
+    store
+        .commit(Write {
+            history: many,
+            ..Default::default()
+        })
+        .expect("commit");
+    for i in 0..3 {
+        store
+            .commit(Write {
+                history: vec![hist("web", &format!("s{i}"), "committed")],
+                ..Default::default()
+            })
+            .expect("commit");
+    }
+    let h = store.history("web", usize::MAX).expect("history");
+    assert_eq!(h.len(), HISTORY_KEEP);
+    // The oldest went: r0..r7 (HISTORY_KEEP + 8 written).
+    assert_eq!(h[0].release, "r8");
+    assert_eq!(h[HISTORY_KEEP - 1].release, "s2");
+    assert!(h.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(store.history("other", usize::MAX).expect("other").len(), 1);
+}
+
+#[test]
+fn memory_store_keeps_the_newest_history() {
+    history_is_trimmed(&MemoryStore::default());
+}
+
+#[test]
+fn sled_store_keeps_the_newest_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    history_is_trimmed(&SledStore::open(dir.path()).expect("open"));
+}

@@ -1445,7 +1445,11 @@ impl Worker {
 
     /// The newest committed release other than `a` and `b` that is still staged.
     fn committed_before(&self, a: Option<&str>, b: Option<&str>) -> Option<String> {
-        let hist = self.deps.store.history(self.service(), 1000).ok()?;
+        let hist = self
+            .deps
+            .store
+            .history(self.service(), crate::state::HISTORY_KEEP)
+            .ok()?;
         hist.iter()
             .rev()
             .filter(|h| h.event == "committed" || h.event == "rolled_back")
