@@ -520,8 +520,9 @@ mod tests {
         assert_eq!(parse_request_line("GET health HTTP/1.1\r\n"), None);
     }
 
-    #[test]
-    fn keeps_the_connection_until_the_client_asks_to_close() {
+    /// Sends `requests` on one connection to a server of version `v7` and
+    /// returns everything it answered until it closed the connection.
+    fn exchange(requests: &[u8]) -> String {
         use std::io::Read;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -531,15 +532,20 @@ mod tests {
             serve(stream, &config, None, Instant::now()).expect("serve");
         });
         let mut client = TcpStream::connect(addr).expect("connect");
-        // Two requests on one connection; the second asks to close it.
-        client
-            .write_all(
-                b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n",
-            )
-            .expect("write");
+        client.write_all(requests).expect("write");
         let mut response = String::new();
         client.read_to_string(&mut response).expect("read to close");
         server.join().expect("server thread");
+        response
+    }
+
+    #[test]
+    fn keeps_the_connection_until_the_client_asks_to_close() {
+        // Two requests on one connection; the second asks to close it (the
+        // server must close, or the read above never ends).
+        let response = exchange(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n",
+        );
         let (first, second) = response
             .split_once("version=v7\n")
             .unwrap_or_else(|| panic!("no first body: {response}"));
@@ -552,19 +558,7 @@ mod tests {
 
     #[test]
     fn closes_after_an_http_1_0_request() {
-        use std::io::Read;
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let config = resolve("port=0\nversion=v7", None, &[]).expect("valid");
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().expect("accept");
-            serve(stream, &config, None, Instant::now()).expect("serve");
-        });
-        let mut client = TcpStream::connect(addr).expect("connect");
-        client.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
-        let mut response = String::new();
-        client.read_to_string(&mut response).expect("read to close");
-        server.join().expect("server thread");
+        let response = exchange(b"GET / HTTP/1.0\r\n\r\n");
         assert!(response.ends_with("\r\n\r\nversion=v7\n"), "{response}");
     }
 }
