@@ -173,10 +173,7 @@ async fn one_run(
     let agent = BenchAgent::start(ctx, host, &fake.url(), &[], "").await?;
     fake.wait_connected(host, 1).await?;
     let pid = agent.pid().context("agent pid")?;
-    let ports: Vec<u16> = SERVICES
-        .iter()
-        .map(|_| rollout_tests::free_port())
-        .collect();
+    let ports = rollout_tests::free_ports(SERVICES.len());
     let digest = fake.add_artifact(rollout_tests::sample_artifact(&["version=r0"]));
     for (svc, port) in SERVICES.iter().zip(&ports) {
         deploy(&fake, host, definition(svc, "r0", &digest, *port, false))

@@ -163,8 +163,8 @@ async fn one_size(
         Fleet::Swarm(Swarm::start(cfg).await?, swarm_restart)
     } else {
         let mut agents = Vec::new();
-        for i in 0..n {
-            let env = vec![("PORT".to_string(), rollout_tests::free_port().to_string())];
+        for (i, port) in rollout_tests::free_ports(n).into_iter().enumerate() {
+            let env = vec![("PORT".to_string(), port.to_string())];
             let host = format!("h{:05}", i + 1);
             let agent =
                 BenchAgent::start(ctx, &host, &coord.url(), &env, "[labels]\nrole = \"web\"")

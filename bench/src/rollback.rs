@@ -355,8 +355,7 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
     let batch = n.div_ceil(10);
     let mut agents = Vec::new();
     let mut ports = Vec::new();
-    for i in 0..n {
-        let port = rollout_tests::free_port();
+    for (i, port) in rollout_tests::free_ports(n).into_iter().enumerate() {
         // The last batch (in name order) fails v2's health check.
         let healthy = i < n - batch;
         let env = vec![

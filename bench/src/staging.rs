@@ -228,8 +228,8 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
     let coord_pid =
         util::find_pid(&coord.dir.path().display().to_string()).context("the coordinator's pid")?;
     let mut agents = Vec::new();
-    for i in 0..n {
-        let env = vec![("PORT".to_string(), rollout_tests::free_port().to_string())];
+    for (i, port) in rollout_tests::free_ports(n).into_iter().enumerate() {
+        let env = vec![("PORT".to_string(), port.to_string())];
         agents.push(
             BenchAgent::start(
                 ctx,

@@ -76,6 +76,18 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// `n` distinct free TCP ports on 127.0.0.1: all are bound at once before
+/// any is released, so no two are the same (separate [`free_port`] calls can
+/// return one port twice, and two services of a fleet would then share it).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
 /// Polls `cond` every 50 ms until it returns `Some`, or fails after `deadline`.
 pub async fn eventually<T>(
     what: &str,
