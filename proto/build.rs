@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         // `AgentService.Connect` would clash with the generated `connect` constructor;
         // clients are built from a `Channel` instead.
         .build_transport(false)
+        // Smaller per-call buffers than tonic's default (src/codec.rs).
+        .codec_path("crate::codec::RolloutCodec")
         // Artifact chunks as `bytes::Bytes`: the coordinator sends the chunk
         // its cache holds and the agent receives a slice of the decode buffer,
         // neither copying 256 KiB per message.

@@ -51,8 +51,15 @@ pub struct RemovedHost {
     pub removed_at_ms: i64,
 }
 
+/// One item down an agent stream: a command, or the status that ends the
+/// stream. Boxed because the channel allocates its slots 32 at a time for
+/// every connected agent, and unboxed slots (a message or a `Status`, some
+/// 450 bytes) cost about 14 KiB per agent: 140 MiB of the coordinator's
+/// memory at 10,000 agents (BENCHMARKS.md, fan-out).
+pub type Outbound = Box<Result<pb::CoordinatorMessage, Status>>;
+
 /// Outbound half of an agent stream.
-pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+pub type AgentTx = mpsc::Sender<Outbound>;
 
 struct Conn {
     session: u64,
@@ -174,7 +181,7 @@ impl Fleet {
         if let Some(conn) = conn {
             // The agent sees this status as the end of its stream; dropping
             // the sender (and the pending commands) ends it in any case.
-            let _ = conn.tx.try_send(Err(revocation.refusal()));
+            let _ = conn.tx.try_send(Box::new(Err(revocation.refusal())));
         }
         let was_known = self
             .known
@@ -400,7 +407,7 @@ impl Fleet {
             command_id: id.clone(),
             cmd: Some(cmd),
         };
-        if out.send(Ok(msg)).await.is_err() {
+        if out.send(Box::new(Ok(msg))).await.is_err() {
             return Err(FleetError::Dropped(host.to_string()));
         }
         let waited = tokio::time::timeout(timeout, rx).await;

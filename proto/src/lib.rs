@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 mod generated {
     #![allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
     tonic::include_proto!("rollout.v1");

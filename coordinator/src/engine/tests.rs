@@ -358,7 +358,8 @@ fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
     sim.session.store(session, Ordering::SeqCst);
     let (fleet, sim, log) = (fleet.clone(), sim.clone(), log.clone());
     tokio::spawn(async move {
-        while let Some(Ok(msg)) = rx.recv().await {
+        while let Some(item) = rx.recv().await {
+            let Ok(msg) = *item else { break };
             let Some(cmd) = msg.cmd else { continue };
             let (kind, release) = describe(&cmd);
             let nth = {

@@ -7,7 +7,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use rollout_proto::pb;
 use rollout_proto::pb::agent_service_server::AgentService;
 use tokio::sync::mpsc;
@@ -101,7 +101,7 @@ impl AgentService for AgentApi {
             }
             fleet.unregister(&host, session);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| *m))))
     }
 
     async fn fetch_artifact(
