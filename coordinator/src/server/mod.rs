@@ -19,8 +19,8 @@ use rollout_proto::pb::agent_service_server::AgentServiceServer;
 use rollout_proto::pb::control_service_server::ControlServiceServer;
 use rollout_proto::pb::join_service_server::JoinServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::artifacts::Artifacts;
@@ -188,12 +188,37 @@ pub async fn run(
         .add_service(AgentServiceServer::new(agent).max_decoding_message_size(max))
         .add_service(ControlServiceServer::new(control).max_decoding_message_size(max))
         .add_service(JoinServiceServer::new(join).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            cancel.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming(listener), cancel.clone().cancelled_owned())
         .await
         .map_err(|e| ServeError::Transport(e.to_string()));
     engine.shutdown().await;
     result
+}
+
+/// The connections `listener` accepts, each with TCP_NODELAY: commands and
+/// answers are small messages that must not wait for the peer's ACK (Nagle's
+/// algorithm), and tonic sets it only on listeners it binds itself.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(10), accepted.next())
+            .await
+            .expect("a connection within 10 s")
+            .expect("the listener is open")
+            .expect("accept");
+        assert!(conn.nodelay().expect("read TCP_NODELAY"));
+    }
 }
