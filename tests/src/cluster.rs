@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    Agent, AgentOptions, DEADLINE, bin, eventually, free_port, sample_artifact, served_version,
+    Agent, AgentOptions, DEADLINE, bin, eventually, free_port, free_ports, sample_artifact,
+    served_version,
 };
 
 /// A coordinator process.
@@ -204,8 +205,7 @@ impl Cluster {
         let coord = CoordinatorProc::start().await?;
         let mut agents = Vec::new();
         let mut ports = Vec::new();
-        for i in 0..n {
-            let port = free_port();
+        for (i, port) in free_ports(n).into_iter().enumerate() {
             let mut opts = AgentOptions::new(&format!("h{}", i + 1), Some(coord.url()));
             opts.env.push(("PORT".into(), port.to_string()));
             opts.env.extend(env(i));

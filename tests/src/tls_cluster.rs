@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use anyhow::{Context, Result, bail, ensure};
 use rollout_proto::pb;
 
-use crate::{DEADLINE, bin, eventually, free_port, sample_artifact, served_version};
+use crate::{DEADLINE, bin, eventually, free_port, free_ports, sample_artifact, served_version};
 
 /// A PKI written by `rollout certs init` into a temp dir.
 #[derive(Debug)]
@@ -407,8 +407,7 @@ impl TlsCluster {
         let coord = TlsCoordinator::start(&pki).await?;
         let mut agents = Vec::new();
         let mut ports = Vec::new();
-        for name in &names {
-            let port = free_port();
+        for (name, port) in names.iter().zip(free_ports(n)) {
             let (cert, key) = pki.agent(name);
             agents.push(
                 TlsAgent::start(TlsAgentConfig {
