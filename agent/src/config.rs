@@ -175,9 +175,8 @@ pub struct AgentConfig {
     pub coordinator: Option<CoordinatorConfig>,
     /// Log format.
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `info,rollout_agent=debug` (checked by
-    /// [`log_filter`]).
-    pub log_level: String,
+    /// Log filter, e.g. `info` or `info,rollout_agent=debug`, parsed once.
+    pub log_level: LogFilter,
     /// Test-only crash point (honoured only in builds with `crash-points`).
     pub crash_at: Option<String>,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `None`: off.
@@ -202,27 +201,58 @@ pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
 
 /// The log filter of `[log] level`: a default level and `target=level`
-/// directives, comma-separated (`info,rollout_agent=debug`).
-/// A bare word must be a level: read as a target, a misspelt level (`inof`)
-/// would silently turn every other log line off.
-pub fn log_filter(level: &str) -> Result<tracing_subscriber::filter::Targets, ConfigError> {
-    const FIX: &str = "use a level (off, error, warn, info, debug, trace), optionally followed by target=level directives, e.g. \"info,rollout_agent=debug\"";
-    let bad = |why: String| {
-        invalid(
-            "log.level",
-            format!("{level:?} is not a log filter: {why}; {FIX}"),
-        )
-    };
-    for part in level.split(',').map(str::trim) {
-        if part.is_empty() {
-            return Err(bad("it has an empty directive".into()));
-        }
-        if !part.contains('=') && part.parse::<tracing::level_filters::LevelFilter>().is_err() {
-            return Err(bad(format!("{part:?} is not a level")));
-        }
-    }
-    level.parse().map_err(|e| bad(format!("{e}")))
+/// directives, comma-separated (`info,rollout_agent=debug`), as written and
+/// as parsed. Two filters are equal when their text is.
+#[derive(Debug, Clone)]
+pub struct LogFilter {
+    text: String,
+    targets: tracing_subscriber::filter::Targets,
 }
+
+impl LogFilter {
+    /// Parses a filter. A bare word must be a level: read as a target, a
+    /// misspelt level (`inof`) would silently turn every other log line off.
+    pub fn parse(level: &str) -> Result<Self, ConfigError> {
+        const FIX: &str = "use a level (off, error, warn, info, debug, trace), optionally followed by target=level directives, e.g. \"info,rollout_agent=debug\"";
+        let bad = |why: String| {
+            invalid(
+                "log.level",
+                format!("{level:?} is not a log filter: {why}; {FIX}"),
+            )
+        };
+        for part in level.split(',').map(str::trim) {
+            if part.is_empty() {
+                return Err(bad("it has an empty directive".into()));
+            }
+            if !part.contains('=') && part.parse::<tracing::level_filters::LevelFilter>().is_err() {
+                return Err(bad(format!("{part:?} is not a level")));
+            }
+        }
+        let targets = level.parse().map_err(|e| bad(format!("{e}")))?;
+        Ok(LogFilter {
+            text: level.to_string(),
+            targets,
+        })
+    }
+
+    /// The filter as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The parsed filter, for the logging layer.
+    pub fn targets(&self) -> tracing_subscriber::filter::Targets {
+        self.targets.clone()
+    }
+}
+
+impl PartialEq for LogFilter {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for LogFilter {}
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -398,8 +428,7 @@ impl AgentConfig {
                 })
             }
         };
-        let log_level = raw.log.level.unwrap_or_else(|| "info".into());
-        log_filter(&log_level)?;
+        let log_level = LogFilter::parse(raw.log.level.as_deref().unwrap_or("info"))?;
         Ok(AgentConfig {
             host,
             labels: raw.labels,
@@ -432,7 +461,7 @@ mod tests {
     fn log_level_takes_a_level_and_target_directives() {
         for ok in ["info", "debug,rollout_agent=trace", "warn, sled=off", "off"] {
             let c = parse(&format!("[log]\nlevel = {ok:?}")).expect(ok);
-            assert_eq!(c.log_level, ok);
+            assert_eq!(c.log_level.as_str(), ok);
         }
         for bad in ["inof", "info,rollout_agent=loud", "", "info,,"] {
             let e = parse(&format!("[log]\nlevel = {bad:?}"))

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use rollout_agent::admin;
-use rollout_agent::config::{ADMIN_SOCKET_NAME, AgentConfig, DEFAULT_DATA_DIR, LogFormat};
+use rollout_agent::config::{
+    ADMIN_SOCKET_NAME, AgentConfig, DEFAULT_DATA_DIR, LogFilter, LogFormat,
+};
 use rollout_proto::pb;
 use tokio_util::sync::CancellationToken;
 
@@ -138,11 +140,10 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf> {
     Ok(Path::new(DEFAULT_DATA_DIR).join(ADMIN_SOCKET_NAME))
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+fn init_logging(format: LogFormat, level: &LogFilter) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    // `AgentConfig` has already refused a filter that does not parse.
-    let filter = rollout_agent::config::log_filter(level).unwrap_or_default();
+    let filter = level.targets();
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);

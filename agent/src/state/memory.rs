@@ -1,6 +1,6 @@
 //! In-memory [`StateStore`] for tests of the executor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{
@@ -52,19 +52,21 @@ impl StateStore for MemoryStore {
         for key in write.delete_releases {
             inner.releases.remove(&key);
         }
+        let mut touched = BTreeSet::new();
         for mut h in write.history {
             inner.seq += 1;
             h.seq = inner.seq;
-            let service = h.service.clone();
-            inner.history.insert((service.clone(), h.seq), h);
-            let kept: Vec<u64> = inner
+            touched.insert(h.service.clone());
+            inner.history.insert((h.service.clone(), h.seq), h);
+        }
+        for service in touched {
+            let kept: Vec<(String, u64)> = inner
                 .history
-                .keys()
-                .filter(|(s, _)| *s == service)
-                .map(|(_, seq)| *seq)
+                .range((service.clone(), 0)..=(service, u64::MAX))
+                .map(|(k, _)| k.clone())
                 .collect();
-            for seq in &kept[..kept.len().saturating_sub(HISTORY_KEEP)] {
-                inner.history.remove(&(service.clone(), *seq));
+            for key in &kept[..kept.len().saturating_sub(HISTORY_KEEP)] {
+                inner.history.remove(key);
             }
         }
         Ok(())
