@@ -5,7 +5,9 @@
 //! [`ReleaseRecord`], `hist/<service>/<seq as 8 big-endian bytes>` → [`HistoryEntry`].
 //! Values are JSON: small, and readable with any sled dump when debugging a host.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -30,6 +32,11 @@ const FLUSH_EVERY_MS: u64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct SledStore {
     db: sled::Db,
+    /// History entries per service, counted once per service from the
+    /// database and kept up to date by every commit, so that trimming to
+    /// [`HISTORY_KEEP`] walks only the entries it drops. The lock is held from
+    /// a commit's batch to the end of its trim, so the counts match the tree.
+    history_len: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 fn backend(context: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
@@ -92,26 +99,47 @@ impl SledStore {
             .flush_every_ms(Some(FLUSH_EVERY_MS))
             .open()
             .map_err(backend(format!("open {}", dir.display())))?;
-        Ok(SledStore { db })
+        Ok(SledStore {
+            db,
+            history_len: Arc::default(),
+        })
     }
 
-    /// Drops a service's history entries beyond the newest [`HISTORY_KEEP`].
-    fn trim_history(&self, service: &str) -> Result<(), StoreError> {
+    /// Drops a service's history entries beyond the newest [`HISTORY_KEEP`],
+    /// after a batch that added `added` of them. `lens` is the locked map of
+    /// counts; an entry is removed from it when its count cannot be trusted.
+    fn trim_history(
+        &self,
+        lens: &mut HashMap<String, usize>,
+        service: &str,
+        added: usize,
+    ) -> Result<(), StoreError> {
         let prefix = hist_prefix(service);
-        let Some(newest_dropped) = self.db.scan_prefix(&prefix).keys().rev().nth(HISTORY_KEEP)
-        else {
-            return Ok(());
+        let len = match lens.get(service) {
+            Some(len) => len.saturating_add(added),
+            None => {
+                let mut len = 0usize;
+                for k in self.db.scan_prefix(&prefix).keys() {
+                    k.map_err(backend("count history"))?;
+                    len += 1;
+                }
+                len
+            }
         };
-        let newest_dropped = newest_dropped.map_err(backend("scan history"))?;
-        let mut batch = sled::Batch::default();
-        for k in self
-            .db
-            .range(prefix.as_slice()..=newest_dropped.as_ref())
-            .keys()
-        {
-            batch.remove(k.map_err(backend("scan history"))?);
+        // Unknown until the trim below is through.
+        lens.remove(service);
+        let excess = len.saturating_sub(HISTORY_KEEP);
+        if excess > 0 {
+            let mut batch = sled::Batch::default();
+            for k in self.db.scan_prefix(&prefix).keys().take(excess) {
+                batch.remove(k.map_err(backend("scan history"))?);
+            }
+            self.db
+                .apply_batch(batch)
+                .map_err(backend("trim history"))?;
         }
-        self.db.apply_batch(batch).map_err(backend("trim history"))
+        lens.insert(service.to_string(), len - excess);
+        Ok(())
     }
 
     fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
@@ -152,18 +180,26 @@ impl StateStore for SledStore {
         for (s, r) in &write.delete_releases {
             batch.remove(rel_key(s, r));
         }
-        let mut history_of = std::collections::BTreeSet::new();
+        let mut history_of = BTreeMap::<String, usize>::new();
         for mut h in write.history {
             h.seq = self.db.generate_id().map_err(backend("history id"))?;
             let mut key = hist_prefix(&h.service);
             key.extend_from_slice(&h.seq.to_be_bytes());
             let v = encode(&key, &h)?;
             batch.insert(key, v);
-            history_of.insert(h.service);
+            *history_of.entry(h.service).or_default() += 1;
         }
-        self.db.apply_batch(batch).map_err(backend("write"))?;
-        for service in &history_of {
-            self.trim_history(service)?;
+        if history_of.is_empty() {
+            self.db.apply_batch(batch).map_err(backend("write"))?;
+        } else {
+            let mut lens = self.history_len.lock().map_err(|_| StoreError::Backend {
+                context: "count history".into(),
+                message: "a commit panicked while trimming history".into(),
+            })?;
+            self.db.apply_batch(batch).map_err(backend("write"))?;
+            for (service, added) in &history_of {
+                self.trim_history(&mut lens, service, *added)?;
+            }
         }
         self.db.flush().map_err(backend("flush"))?;
         Ok(())

@@ -172,3 +172,37 @@ fn sled_store_keeps_the_newest_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     history_is_trimmed(&SledStore::open(dir.path()).expect("open"));
 }
+
+/// The sled store counts each service's history once and then keeps the
+/// count: clones share it, and a reopened store counts again from disk.
+#[test]
+fn sled_store_trims_history_across_clones_and_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = |store: &SledStore, release: &str| {
+        store
+            .commit(Write {
+                history: vec![hist("web", release, "committed")],
+                ..Default::default()
+            })
+            .expect("commit");
+    };
+    {
+        let store = SledStore::open(dir.path()).expect("open");
+        history_is_trimmed(&store);
+        let clone = store.clone();
+        for i in 0..2 {
+            one(&clone, &format!("t{i}"));
+            one(&store, &format!("u{i}"));
+        }
+        let h = store.history("web", usize::MAX).expect("history");
+        assert_eq!(h.len(), HISTORY_KEEP);
+        assert_eq!(h[0].release, "r12");
+        assert_eq!(h[HISTORY_KEEP - 1].release, "u1");
+    }
+    let store = SledStore::open_after_close(dir.path());
+    one(&store, "v0");
+    let h = store.history("web", usize::MAX).expect("history");
+    assert_eq!(h.len(), HISTORY_KEEP);
+    assert_eq!(h[0].release, "r13");
+    assert_eq!(h[HISTORY_KEEP - 1].release, "v0");
+}
