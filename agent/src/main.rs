@@ -14,6 +14,10 @@ use rollout_agent::config::{
 use rollout_proto::pb;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, with the options of `.cargo/config.toml` built in.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The rollout host agent.
 #[derive(Debug, Parser)]
 #[command(name = "rollout-agent", version, about)]
