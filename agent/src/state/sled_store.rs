@@ -117,14 +117,12 @@ impl SledStore {
         let prefix = hist_prefix(service);
         let len = match lens.get(service) {
             Some(len) => len.saturating_add(added),
-            None => {
-                let mut len = 0usize;
-                for k in self.db.scan_prefix(&prefix).keys() {
-                    k.map_err(backend("count history"))?;
-                    len += 1;
-                }
-                len
-            }
+            None => self
+                .db
+                .scan_prefix(&prefix)
+                .keys()
+                .try_fold(0usize, |n, k| k.map(|_| n + 1))
+                .map_err(backend("count history"))?,
         };
         // Unknown until the trim below is through.
         lens.remove(service);
