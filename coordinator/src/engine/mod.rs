@@ -1123,7 +1123,12 @@ impl Engine {
             let (timeout, _) = Self::def_timeouts(r);
             let res = self.fleet.command(h, cmd, timeout).await;
             let note = match res {
-                Ok(x) if x.ok => reason.clone(),
+                Ok(x) if x.ok => {
+                    self.fleet
+                        .metrics()
+                        .host_failed(Some(Failure::ResourceRegression));
+                    reason.clone()
+                }
                 Ok(x) => format!("{reason}; rollback refused: {}", x.error),
                 Err(e) => format!("{reason}; rollback failed: {e}"),
             };

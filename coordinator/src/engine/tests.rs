@@ -1722,9 +1722,16 @@ async fn the_coordinator_fails_a_host_reporting_rss_over_the_ceiling() {
         "[targets]",
         "[thresholds]\nmax_rss = \"32MiB\"\n\n[targets]",
     );
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    h.fleet.metrics().set(metrics.clone());
     let engine = h.engine();
     let r = engine.deploy(&spec, &h.digest, h.size).expect("deploy");
     let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let text = metrics.render([], 0, 0);
+    assert!(
+        text.contains("rollout_rollbacks_total{reason=\"resource_regression\"} 1"),
+        "the gate's rollback is counted once:\n{text}"
+    );
     let h2 = &r.hosts[&host(2)];
     assert_eq!(
         h2.failure,
