@@ -271,6 +271,8 @@ mod tests {
                 last_failure: None,
                 sample: None,
                 steady: None,
+                exits: 0,
+                gave_up: false,
             }),
         }
     }

@@ -19,6 +19,11 @@
 //!   in verification fail its checks until `healthy_deadline` (a slow starter
 //!   may), so this latency is bounded below by `healthy_deadline` by design
 //!   and is not compared with the target.
+//! - *crashes at start*: v4 exits at once (`bind_fail`), is restarted 0.5 s
+//!   later by its `on-failure` policy and exits again: the agent fails it as a
+//!   crash loop at the second exit, without waiting for `healthy_deadline`.
+//!   Measured from the first probe that gets no answer (v1b stopped) to the
+//!   first answer of v1b again, and compared with the target.
 //!
 //! **Fleet-level** (the real coordinator and N release agents named
 //! `h001..`, batches of 10 %): v1 everywhere, then v2 which is healthy on all
@@ -51,6 +56,7 @@ struct HostRun {
     probation: f64,
     detection: f64,
     never_healthy: f64,
+    crash: f64,
 }
 
 /// Options of `bench rollback`.
@@ -75,20 +81,21 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
             format!("fleet-level over {n} agents, batches of 10 %, max_failures 0")
         },
     );
-    let (mut restart, mut probation, mut detection, mut never) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut restart, mut probation, mut detection, mut never, mut crash) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut fleet, mut updated) = (Vec::new(), Vec::new());
     for i in 0..ctx.runs {
         note(format!("rollback run {}/{}: host-level", i + 1, ctx.runs));
         let h = host_level(ctx).await?;
         note(format!(
-            "restart {:.0} ms; rollback: unhealthy in probation {:.0} ms (detection {:.0} ms), never healthy {:.0} ms",
-            h.restart, h.probation, h.detection, h.never_healthy
+            "restart {:.0} ms; rollback: unhealthy in probation {:.0} ms (detection {:.0} ms), never healthy {:.0} ms, crashes at start {:.0} ms",
+            h.restart, h.probation, h.detection, h.never_healthy, h.crash
         ));
         restart.push(h.restart);
         probation.push(h.probation);
         detection.push(h.detection);
         never.push(h.never_healthy);
+        crash.push(h.crash);
     }
     if !args.host_only {
         for i in 0..ctx.runs {
@@ -135,6 +142,12 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
         Figure::plain(
             "host-level, never healthy (bounded by healthy_deadline 4 s by design): first failed check → previous release serving (ms)",
             never,
+        ),
+        Figure::at_most(
+            "host-level, crashes at start (a crash loop): first unanswered probe → previous release serving (ms)",
+            crash,
+            budget_median,
+            format!("≤ restart + 1 s ({} ms)", util::num(budget_median)),
         ),
     ];
     if !args.host_only {
@@ -221,6 +234,10 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
     let d3 = fake.add_artifact(rollout_tests::sample_artifact(&[
         "version=v3",
         &format!("unhealthy_after_ms={UNHEALTHY_AFTER_MS}"),
+    ]));
+    let d4 = fake.add_artifact(rollout_tests::sample_artifact(&[
+        "version=v4",
+        "bind_fail=true",
     ]));
     let activate = async |release: &str, digest: &str| -> Result<pb::CommandResult> {
         fake.stage(host, def(release, digest, port)).await?;
@@ -336,11 +353,56 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
             format!("no rolling_back entry for v3 unhealthy in probation in the agent's history: {hist:?}")
         })?;
     let detection = (verdict.at_ms - probes[first_fail].unix_ms) as f64;
+    // The agent takes v4 once its rollback from v3 is over.
+    util::poll(
+        "the agent's rollback from v3 finished",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || {
+            let hist = agent.history("web").await.unwrap_or_default();
+            hist.last()
+                .is_some_and(|h| h.event == "rolled_back" && h.release == "v1b")
+                .then_some(())
+        },
+    )
+    .await?;
+
+    // Host-level rollback of a release that crashes at start: v4 cannot
+    // bind, exits 2, is restarted 0.5 s later and exits again.
+    fake.stage(host, def("v4", &d4, port)).await?;
+    let prober = Prober::start(port);
+    let r = fake.activate(host, "web", "v4").await?;
+    if r.ok {
+        prober.finish();
+        bail!("the crashing v4 was accepted");
+    }
+    if !r.error.contains("crash loop") {
+        prober.finish();
+        bail!("v4 failed, but not as a crash loop: {}", r.error);
+    }
+    util::poll(
+        "v1b serving again after v4 crashed",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
+    )
+    .await?;
+    let probes = prober.finish();
+    let first_gap = probes
+        .iter()
+        .position(|p| p.version.is_none() && p.health.is_none())
+        .context("the prober never saw v1b stop")?;
+    let back = probes[first_gap..]
+        .iter()
+        .find(|p| p.version.as_deref() == Some("v1b"))
+        .context("the prober never saw v1b again after v4")?;
+    let crash = ms(back.at - probes[first_gap].at);
     Ok(HostRun {
         restart,
         probation,
         detection,
         never_healthy,
+        crash,
     })
 }
 

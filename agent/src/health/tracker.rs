@@ -322,7 +322,19 @@ pub struct HealthView {
     pub sample: Option<ProcessSample>,
     /// Steady-state average of this release so far.
     pub steady: Option<ProcessSample>,
+    /// Times the process exited on its own since this release started
+    /// ([`ProcessWatch::exits`]).
+    pub exits: u32,
+    /// The process is gone for good: the supervisor will not start it again
+    /// ([`ProcessWatch::gave_up`]).
+    pub gave_up: bool,
 }
+
+/// Exits of a release's process during verification that fail it at once, as
+/// a crash loop, instead of at `healthy_deadline`. One exit is forgiven (a
+/// dependency not up yet, say): the supervisor starts the process again
+/// 0.5 s later. A second exit fails verify.
+pub const CRASH_LOOP_EXITS: u32 = 2;
 
 /// Where the monitor learns whether the service's process runs, and its pid.
 pub trait ProcessWatch: Send + Sync + 'static {
@@ -338,6 +350,18 @@ pub trait ProcessWatch: Send + Sync + 'static {
     /// [`LIVENESS_POLL`].
     fn changes(&self) -> Option<watch::Receiver<()>> {
         None
+    }
+    /// How many times the process exited on its own (not stopped by the
+    /// agent) since the supervisor started this release. 0 (the default)
+    /// when the supervision mode cannot tell.
+    fn exits(&self) -> u32 {
+        0
+    }
+    /// Whether the process exited and the supervisor will not start it again
+    /// (restart policy `never`, or `on-failure` after a clean exit): it
+    /// cannot become healthy. False (the default) when the mode cannot tell.
+    fn gave_up(&self) -> bool {
+        false
     }
 }
 
@@ -435,6 +459,8 @@ pub fn spawn_monitor(
         last_failure: None,
         sample: None,
         steady: None,
+        exits: process.exits(),
+        gave_up: process.gave_up(),
     };
     let (tx, rx) = watch::channel(initial);
     let task = tokio::spawn(async move {
@@ -490,9 +516,14 @@ pub fn spawn_monitor(
                 last_failure: tracker.last_failure(),
                 sample: tracker.last_sample(),
                 steady: tracker.steady_state(),
+                exits: process.exits(),
+                gave_up: process.gave_up(),
             };
             tx.send_if_modified(|old| {
-                let changed = old.verdict != view.verdict || old.last_failure != view.last_failure;
+                let changed = old.verdict != view.verdict
+                    || old.last_failure != view.last_failure
+                    || old.exits != view.exits
+                    || old.gave_up != view.gave_up;
                 *old = view;
                 changed
             });

@@ -1124,6 +1124,22 @@ impl Worker {
             {
                 return Err(r.clone());
             }
+            // Nor can waiting help a process that is gone for good or keeps
+            // exiting: such a release fails now, not at healthy_deadline.
+            if view.gave_up {
+                return Err(format!(
+                    "the service process exited and its restart policy does not start it again; {}",
+                    Self::see_log(&self.deps.layout.log_file(&def.service, &def.release))
+                ));
+            }
+            if view.exits >= crate::health::tracker::CRASH_LOOP_EXITS {
+                return Err(format!(
+                    "the service process exited {} times before it was healthy for {} (a crash loop); {}",
+                    view.exits,
+                    humantime::format_duration(def.min_healthy_time),
+                    Self::see_log(&self.deps.layout.log_file(&def.service, &def.release))
+                ));
+            }
             if view.verdict.is_healthy() {
                 let s = *since.get_or_insert(now);
                 if now.duration_since(s) >= def.min_healthy_time {
@@ -1155,6 +1171,11 @@ impl Worker {
                 () = self.cancel.cancelled() => return Err("agent shutting down".into()),
             }
         }
+    }
+
+    /// Where an operator finds why a service process exited.
+    fn see_log(log: &std::path::Path) -> String {
+        format!("its output is in {}", log.display())
     }
 
     // ---- commit ----

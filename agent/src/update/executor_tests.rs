@@ -46,6 +46,9 @@ struct SupState {
     fail_start: HashSet<String>,
     /// What `adopt` answers.
     adopt: bool,
+    /// Per service: exits of its own since the release's start, and whether
+    /// the supervisor gave up on it.
+    exits: HashMap<String, (u32, bool)>,
 }
 
 /// A supervisor that runs nothing and records everything.
@@ -81,6 +84,18 @@ impl FakeSupervisor {
         }
     }
 
+    /// The service's process exits on its own; `restart`: the supervisor
+    /// starts it again at once, else it stays dead, given up.
+    fn exit(&self, service: &str, restart: bool) {
+        let mut st = lock(&self.state);
+        let e = st.exits.entry(service.to_string()).or_default();
+        e.0 += 1;
+        e.1 = !restart;
+        if let Some(entry) = st.running.get_mut(service) {
+            entry.1 = restart;
+        }
+    }
+
     /// Index of the first call equal to `call` after index `after`.
     fn position_after(&self, after: Option<usize>, call: &str) -> Option<usize> {
         let start = after.map_or(0, |a| a + 1);
@@ -113,6 +128,7 @@ impl Supervisor for FakeSupervisor {
             }
             st.running
                 .insert(def.service.clone(), (def.release.clone(), true));
+            st.exits.remove(&def.service);
             Ok(())
         }
         .boxed()
@@ -194,6 +210,20 @@ impl ProcessWatch for FakeWatch {
             .running
             .get(&self.service)
             .is_some_and(|(_, alive)| *alive)
+    }
+
+    fn exits(&self) -> u32 {
+        lock(&self.state)
+            .exits
+            .get(&self.service)
+            .map_or(0, |e| e.0)
+    }
+
+    fn gave_up(&self) -> bool {
+        lock(&self.state)
+            .exits
+            .get(&self.service)
+            .is_some_and(|e| e.1)
     }
 }
 
@@ -782,6 +812,105 @@ async fn process_death_in_probation_rolls_back_by_itself() {
         .and_then(|h| h.reason)
         .unwrap_or_default();
     assert!(reason.contains("not running"), "{reason}");
+}
+
+/// Activates v2, whose checks never pass, with a healthy_deadline far longer
+/// than any wait of the test; `exits` make its process exit meanwhile. The
+/// activation must fail well before healthy_deadline.
+async fn activation_of_a_release_that_exits(
+    host: &Host,
+    exits: impl FnOnce(&FakeSupervisor),
+) -> (FailureKind, String, String) {
+    let v1 = host.def("v1");
+    let mut v2 = host.def("v2");
+    v2.healthy_deadline = Duration::from_secs(300);
+    host.deploy(&v1).await;
+    host.stage(&v2).await;
+    host.probe.fail("v2");
+    let engine = host.engine().clone();
+    let activation =
+        tokio::spawn(async move { engine.activate(SVC, "v2", "rollout-1", "op-v2").await });
+    eventually("verifying v2", || host.record().phase == Phase::Verifying).await;
+    exits(&host.supervisor);
+    let result = tokio::time::timeout(Duration::from_secs(20), activation)
+        .await
+        .expect("the activation fails before healthy_deadline (300 s)")
+        .expect("activation task");
+    let failure = activation_failure(result);
+    let rec = host.record();
+    assert_eq!(
+        (rec.phase, rec.current.as_deref()),
+        (Phase::Idle, Some("v1"))
+    );
+    assert_eq!(host.link().as_deref(), Some("v1"));
+    failure
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_process_keeps_exiting_fails_at_once_as_a_crash_loop() {
+    let mut host = Host::new(StoreKind::Memory);
+    host.start();
+    let (kind, reason, outcome) = activation_of_a_release_that_exits(&host, |sup| {
+        for _ in 0..crate::health::tracker::CRASH_LOOP_EXITS {
+            sup.exit(SVC, true);
+        }
+    })
+    .await;
+    assert_eq!(kind, FailureKind::Unhealthy);
+    assert!(
+        reason.contains("exited 2 times") && reason.contains("crash loop"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("web/logs/v2.log"),
+        "names the service's log: {reason}"
+    );
+    assert!(outcome.contains("rolled back to v1"), "{outcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_process_exits_for_good_fails_at_once() {
+    let mut host = Host::new(StoreKind::Memory);
+    host.start();
+    let (kind, reason, outcome) =
+        activation_of_a_release_that_exits(&host, |sup| sup.exit(SVC, false)).await;
+    assert_eq!(kind, FailureKind::Unhealthy);
+    assert!(reason.contains("does not start it again"), "{reason}");
+    assert!(outcome.contains("rolled back to v1"), "{outcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_exits_fewer_times_than_a_crash_loop_still_gets_its_deadline() {
+    let mut host = Host::new(StoreKind::Memory);
+    host.start();
+    let v1 = host.def("v1");
+    let mut v2 = host.def("v2");
+    v2.healthy_deadline = Duration::from_secs(300);
+    host.deploy(&v1).await;
+    host.stage(&v2).await;
+    host.probe.fail("v2");
+    let engine = host.engine().clone();
+    let activation =
+        tokio::spawn(async move { engine.activate(SVC, "v2", "rollout-1", "op-v2").await });
+    eventually("verifying v2", || host.record().phase == Phase::Verifying).await;
+    for _ in 1..crate::health::tracker::CRASH_LOOP_EXITS {
+        host.supervisor.exit(SVC, true);
+    }
+    // The monitor has seen the exits once the agent's view of v2 shows them
+    // (it polls the fake's liveness every 250 ms); v2 is still being verified.
+    let want = crate::health::tracker::CRASH_LOOP_EXITS - 1;
+    eventually("the exits seen", || {
+        host.view().health.is_some_and(|h| h.exits == want)
+    })
+    .await;
+    assert_eq!(host.record().phase, Phase::Verifying);
+    // It then becomes healthy and passes.
+    host.probe.pass("v2");
+    let view = activation
+        .await
+        .expect("activation task")
+        .expect("v2 becomes healthy");
+    assert_eq!(view.record.phase, Phase::Probation);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,16 +119,36 @@ pub fn service_env(def: &ServiceDefinition, release_dir: &Path) -> BTreeMap<Stri
 struct ExecState {
     pid: AtomicU32,
     alive: AtomicBool,
-    /// False once the supervisor gave up (policy `never`, or stopped).
-    supervised: AtomicBool,
-    /// Marked on every change of `pid` or `alive`, so monitors need not poll.
+    /// Exits on its own (not stopped by the agent) since this release's
+    /// supervision began.
+    exits: AtomicU32,
+    /// The process exited and the restart policy does not start it again.
+    gave_up: AtomicBool,
+    /// Marked on every change of `pid`, `alive`, `exits` or `gave_up`, so
+    /// monitors need not poll.
     changed: watch::Sender<()>,
 }
 
 impl ExecState {
+    /// A new release's supervision begins with process `pid`.
+    fn begin(&self, pid: u32) {
+        self.exits.store(0, Ordering::SeqCst);
+        self.gave_up.store(false, Ordering::SeqCst);
+        self.pid.store(pid, Ordering::SeqCst);
+        self.alive.store(true, Ordering::SeqCst);
+        self.changed.send_replace(());
+    }
+
     fn set_pid(&self, pid: u32) {
         self.pid.store(pid, Ordering::SeqCst);
         self.changed.send_replace(());
+    }
+
+    /// The process exited on its own; `restart`: the supervisor starts it again.
+    fn exited(&self, restart: bool) {
+        self.exits.fetch_add(1, Ordering::SeqCst);
+        self.gave_up.store(!restart, Ordering::SeqCst);
+        self.set_alive(false);
     }
 
     fn set_alive(&self, alive: bool) {
@@ -151,6 +171,14 @@ impl ProcessWatch for ExecState {
 
     fn changes(&self) -> Option<watch::Receiver<()>> {
         Some(self.changed.subscribe())
+    }
+
+    fn exits(&self) -> u32 {
+        self.exits.load(Ordering::SeqCst)
+    }
+
+    fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::SeqCst)
     }
 }
 
@@ -299,7 +327,7 @@ impl RealSupervisor {
         let start_time;
         match adopted {
             Some((pid, st)) => {
-                state.set_pid(pid);
+                state.begin(pid);
                 start_time = st;
             }
             None => {
@@ -309,7 +337,7 @@ impl RealSupervisor {
                     source,
                 })?;
                 let pid = child.id().unwrap_or(0);
-                state.set_pid(pid);
+                state.begin(pid);
                 start_time = self
                     .stats
                     .lock()
@@ -318,8 +346,6 @@ impl RealSupervisor {
                 first = Some(child);
             }
         }
-        state.set_alive(true);
-        state.supervised.store(true, Ordering::SeqCst);
         let task_state = state.clone();
         let task_stop = stop.clone();
         let stats = self.stats.clone();
@@ -356,8 +382,8 @@ impl RealSupervisor {
                         false
                     }
                 };
-                task_state.set_alive(false);
                 if task_stop.is_cancelled() {
+                    task_state.set_alive(false);
                     break;
                 }
                 let again = match restart {
@@ -365,6 +391,7 @@ impl RealSupervisor {
                     RestartPolicy::OnFailure => !success,
                     RestartPolicy::Never => false,
                 };
+                task_state.exited(again);
                 if !again {
                     info!(service = %task_service, success, "service exited; not restarting per policy");
                     break;
@@ -386,7 +413,6 @@ impl RealSupervisor {
                     }
                 }
             }
-            task_state.supervised.store(false, Ordering::SeqCst);
         });
         if let Ok(mut m) = self.exec.lock() {
             m.insert(
@@ -597,5 +623,107 @@ impl Supervisor for RealSupervisor {
             Some(state) => state,
             None => Arc::new(NoPid),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host_stats::SysinfoStats;
+
+    fn def(
+        service: &str,
+        release: &str,
+        script: &str,
+        restart: RestartPolicy,
+    ) -> ServiceDefinition {
+        ServiceDefinition {
+            service: service.into(),
+            release: release.into(),
+            artifact: crate::release::Artifact {
+                digest: crate::release::Digest([0; 32]),
+                size: 0,
+                signature: None,
+            },
+            supervision: Supervision::Exec {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                restart,
+                stop_timeout: Duration::from_secs(2),
+            },
+            env: Default::default(),
+            hooks: Default::default(),
+            health_checks: vec![],
+            thresholds: Default::default(),
+            min_healthy_time: Duration::ZERO,
+            healthy_deadline: Duration::from_secs(30),
+            commit_deadline: Duration::from_secs(30),
+            run_as: None,
+        }
+    }
+
+    /// Waits (up to 20 s) until `cond` holds of the watch, woken by its changes.
+    async fn until(
+        w: &Arc<dyn ProcessWatch>,
+        what: &str,
+        cond: impl Fn(&dyn ProcessWatch) -> bool,
+    ) {
+        let mut rx = w.changes().expect("exec watches notify");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !cond(w.as_ref()) {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => panic!(
+                    "{what}: not reached within 20 s (exits {}, gave up {}, alive {})",
+                    w.exits(),
+                    w.gave_up(),
+                    w.alive()
+                ),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn exits_are_counted_per_release_and_a_process_not_restarted_is_given_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stats: Arc<Mutex<dyn HostStats>> =
+            Arc::new(Mutex::new(SysinfoStats::new().expect("stats")));
+        let sup = RealSupervisor::new(stats);
+        let log = dir.path().join("log");
+        let start = |d: ServiceDefinition| {
+            let (sup, dir, log) = (&sup, dir.path(), &log);
+            async move { sup.start(&d, dir, log).await.expect("start") }
+        };
+
+        // Restarted after each failure: the exits add up, never given up.
+        start(def("crash", "v1", "exit 3", RestartPolicy::OnFailure)).await;
+        let crash = sup.watch("crash");
+        until(&crash, "two exits", |w| w.exits() >= 2).await;
+        assert!(!crash.gave_up());
+        // A new release's supervision counts from zero.
+        sup.stop("crash", None, dir.path(), None)
+            .await
+            .expect("stop");
+        start(def("crash", "v2", "sleep 30", RestartPolicy::OnFailure)).await;
+        assert_eq!(crash.exits(), 0);
+        assert!(crash.alive());
+        // Stopped by the agent: not an exit of its own.
+        sup.stop("crash", None, dir.path(), None)
+            .await
+            .expect("stop");
+        assert_eq!(crash.exits(), 0);
+        assert!(!crash.gave_up());
+
+        // Policy `never`: one exit and it is gone for good.
+        start(def("once", "v1", "exit 0", RestartPolicy::Never)).await;
+        let once = sup.watch("once");
+        until(&once, "given up", |w| w.gave_up()).await;
+        assert_eq!(once.exits(), 1);
+        assert!(!once.alive());
+
+        // `on-failure` after a clean exit: not started again either.
+        start(def("clean", "v1", "exit 0", RestartPolicy::OnFailure)).await;
+        let clean = sup.watch("clean");
+        until(&clean, "given up", |w| w.gave_up()).await;
+        assert_eq!(clean.exits(), 1);
     }
 }

@@ -64,7 +64,8 @@
 //! max_host_rollbacks = 1     # or "20%": hosts that rolled themselves back before halting (default: off)
 //! auto_rollback = true       # past the budget, roll back every updated host (default true)
 //! min_healthy_time = "10s"   # healthy continuously this long to pass a batch (default 10s)
-//! healthy_deadline = "5m"    # ... within this long after start (default 5m)
+//! healthy_deadline = "5m"    # ... within this long after start (default 5m); an exec process
+//!                            # that exits twice, or exits and is not restarted, fails sooner
 //! commit_deadline = "10m"    # a host not committed within this rolls itself back (default 10m)
 //! progress_deadline = "1h"   # the whole rollout (default 1h)
 //! stage_parallelism = 16     # hosts pre-fetching the artifact at once (default 16)
