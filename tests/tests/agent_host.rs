@@ -195,6 +195,31 @@ async fn unhealthy_release_is_rolled_back_and_the_old_version_serves_again() -> 
 }
 
 #[tokio::test]
+async fn release_that_crashes_at_start_is_rolled_back_at_once_not_at_healthy_deadline() -> Result<()>
+{
+    let env = setup("crash-1").await?;
+    env.deploy("v1").await?;
+    // Exits 2 at once, as when its port is taken; restarted on failure.
+    let mut def = env.release("v2", &["bind_fail=true"]);
+    def.healthy_deadline_ms = 300_000;
+    env.coord.stage(env.host(), def).await?;
+    let asked = std::time::Instant::now();
+    let r = env.coord.activate(env.host(), SVC, "v2").await?;
+    let took = asked.elapsed();
+    assert!(!r.ok, "a crashing release was accepted");
+    assert_eq!(r.failure, pb::FailureKind::Unhealthy as i32, "{}", r.error);
+    assert!(r.error.contains("crash loop"), "{}", r.error);
+    assert!(r.error.contains("rolled back to v1"), "{}", r.error);
+    assert!(
+        took < std::time::Duration::from_secs(60),
+        "judged after {took:?}, as if it waited for healthy_deadline"
+    );
+    env.agent.wait_for(SVC, pb::Phase::Idle, "v1").await?;
+    env.serving("v1").await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn release_that_turns_unhealthy_in_probation_is_rolled_back_by_the_host() -> Result<()> {
     let env = setup("probation-1").await?;
     env.deploy("v1").await?;
