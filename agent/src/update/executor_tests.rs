@@ -814,16 +814,14 @@ async fn process_death_in_probation_rolls_back_by_itself() {
     assert!(reason.contains("not running"), "{reason}");
 }
 
-/// Activates v2, whose checks never pass, with a healthy_deadline far longer
-/// than any wait of the test; `exits` make its process exit meanwhile. The
-/// activation must fail well before healthy_deadline.
-async fn activation_of_a_release_that_exits(
-    host: &Host,
-    exits: impl FnOnce(&FakeSupervisor),
-) -> (FailureKind, String, String) {
+type Activation = tokio::task::JoinHandle<Result<ServiceView, EngineError>>;
+
+/// Deploys v1, then activates v2 (checks failing, `healthy_deadline`) in a
+/// task, returned once v2 is being verified.
+async fn verifying_v2(host: &Host, healthy_deadline: Duration) -> Activation {
     let v1 = host.def("v1");
     let mut v2 = host.def("v2");
-    v2.healthy_deadline = Duration::from_secs(300);
+    v2.healthy_deadline = healthy_deadline;
     host.deploy(&v1).await;
     host.stage(&v2).await;
     host.probe.fail("v2");
@@ -831,6 +829,17 @@ async fn activation_of_a_release_that_exits(
     let activation =
         tokio::spawn(async move { engine.activate(SVC, "v2", "rollout-1", "op-v2").await });
     eventually("verifying v2", || host.record().phase == Phase::Verifying).await;
+    activation
+}
+
+/// Activates v2, whose checks never pass, with a healthy_deadline far longer
+/// than any wait of the test; `exits` make its process exit meanwhile. The
+/// activation must fail well before healthy_deadline.
+async fn activation_of_a_release_that_exits(
+    host: &Host,
+    exits: impl FnOnce(&FakeSupervisor),
+) -> (FailureKind, String, String) {
+    let activation = verifying_v2(host, Duration::from_secs(300)).await;
     exits(&host.supervisor);
     let result = tokio::time::timeout(Duration::from_secs(20), activation)
         .await
@@ -883,16 +892,7 @@ async fn a_release_whose_process_exits_for_good_fails_at_once() {
 async fn a_release_that_exits_fewer_times_than_a_crash_loop_still_gets_its_deadline() {
     let mut host = Host::new(StoreKind::Memory);
     host.start();
-    let v1 = host.def("v1");
-    let mut v2 = host.def("v2");
-    v2.healthy_deadline = Duration::from_secs(300);
-    host.deploy(&v1).await;
-    host.stage(&v2).await;
-    host.probe.fail("v2");
-    let engine = host.engine().clone();
-    let activation =
-        tokio::spawn(async move { engine.activate(SVC, "v2", "rollout-1", "op-v2").await });
-    eventually("verifying v2", || host.record().phase == Phase::Verifying).await;
+    let activation = verifying_v2(&host, Duration::from_secs(300)).await;
     for _ in 1..crate::health::tracker::CRASH_LOOP_EXITS {
         host.supervisor.exit(SVC, true);
     }
@@ -939,18 +939,8 @@ async fn no_commit_before_commit_deadline_rolls_back_by_itself() {
 async fn requests_during_verification_are_refused_as_busy_naming_the_activation() {
     let mut host = Host::new(StoreKind::Memory);
     host.start();
-    let v1 = host.def("v1");
-    let mut v2 = host.def("v2");
-    v2.healthy_deadline = Duration::from_secs(5);
+    let activation = verifying_v2(&host, Duration::from_secs(5)).await;
     let v3 = host.def("v3");
-    host.deploy(&v1).await;
-    host.stage(&v2).await;
-    host.probe.fail("v2");
-
-    let engine = host.engine().clone();
-    let activation =
-        tokio::spawn(async move { engine.activate(SVC, "v2", "rollout-1", "op-2").await });
-    eventually("verifying v2", || host.record().phase == Phase::Verifying).await;
 
     // Staging never touches the running service and is allowed meanwhile.
     host.stage(&v3).await;
@@ -1469,16 +1459,7 @@ async fn recovery_survives_a_second_restart_without_rolling_back_again() {
 async fn shutdown_during_verification_leaves_the_activation_to_recovery() {
     let mut host = Host::new(StoreKind::Sled);
     host.start();
-    let v1 = host.def("v1");
-    let mut v2 = host.def("v2");
-    v2.healthy_deadline = Duration::from_secs(30);
-    host.deploy(&v1).await;
-    host.stage(&v2).await;
-    host.probe.fail("v2");
-    let engine = host.engine().clone();
-    let activation =
-        tokio::spawn(async move { engine.activate(SVC, "v2", "rollout-1", "op-2").await });
-    eventually("verifying v2", || host.record().phase == Phase::Verifying).await;
+    let activation = verifying_v2(&host, Duration::from_secs(30)).await;
 
     host.engine().shutdown().await;
     let r = activation.await.expect("activation task");
