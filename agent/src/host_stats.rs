@@ -334,6 +334,47 @@ pub fn disk_free(path: &Path) -> std::io::Result<u64> {
     Ok(blocks.saturating_mul(size))
 }
 
+/// Fixed, modest figures for tests of what uses [`HostStats`]: every process
+/// alive with start time 1, 10 MiB and 1 % CPU; counts the resource samples.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FixedStats {
+    /// How many times [`HostStats::process_tree`] was asked.
+    pub samples: u32,
+}
+
+#[cfg(test)]
+impl HostStats for FixedStats {
+    fn host(&mut self) -> HostSample {
+        HostSample {
+            cpu_percent: 5.0,
+            mem_used_bytes: 1 << 30,
+            mem_total_bytes: 8 << 30,
+            load1: 0.1,
+        }
+    }
+
+    fn process_tree(&mut self, _pid: u32, _max_age: Duration) -> Option<ProcessSample> {
+        self.samples += 1;
+        Some(ProcessSample {
+            rss_bytes: 10 << 20,
+            cpu_percent: 1.0,
+        })
+    }
+
+    fn process_alive(&mut self, _pid: u32, _start_time: Option<u64>) -> bool {
+        true
+    }
+
+    fn process_start_time(&mut self, _pid: u32) -> Option<u64> {
+        Some(1)
+    }
+
+    fn processes_with_cwd_under(&mut self, _dir: &Path) -> Vec<u32> {
+        Vec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -571,6 +571,7 @@ pub fn spawn_monitor(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_stats::FixedStats;
     use crate::release::CheckKind;
 
     fn check(name: &str, fail: u32, ok: u32) -> HealthCheck {
@@ -872,34 +873,6 @@ mod tests {
         }
     }
 
-    /// Counts resource samples; fixed figures.
-    #[derive(Debug, Default)]
-    struct CountingStats {
-        samples: u32,
-    }
-
-    impl HostStats for CountingStats {
-        fn host(&mut self) -> crate::host_stats::HostSample {
-            crate::host_stats::HostSample::default()
-        }
-        fn process_tree(&mut self, _pid: u32, _max_age: Duration) -> Option<ProcessSample> {
-            self.samples += 1;
-            Some(ProcessSample {
-                rss_bytes: 10 << 20,
-                cpu_percent: 1.0,
-            })
-        }
-        fn process_alive(&mut self, _pid: u32, _start_time: Option<u64>) -> bool {
-            true
-        }
-        fn process_start_time(&mut self, _pid: u32) -> Option<u64> {
-            None
-        }
-        fn processes_with_cwd_under(&mut self, _dir: &std::path::Path) -> Vec<u32> {
-            Vec::new()
-        }
-    }
-
     /// A process that notifies its changes (`notify`) or must be polled;
     /// counts how often the monitor asked whether it is alive (once a wake).
     #[derive(Debug)]
@@ -943,7 +916,7 @@ mod tests {
 
     struct Running {
         probe: Arc<CountingProbe>,
-        stats: Arc<Mutex<CountingStats>>,
+        stats: Arc<Mutex<FixedStats>>,
         process: Arc<TestProcess>,
         judged: watch::Sender<bool>,
         health: watch::Receiver<HealthView>,
@@ -961,7 +934,7 @@ mod tests {
 
     fn run_monitor(check_every: Duration, judged: bool, notify: bool) -> Running {
         let probe = Arc::new(CountingProbe::default());
-        let stats = Arc::new(Mutex::new(CountingStats::default()));
+        let stats = Arc::new(Mutex::new(FixedStats::default()));
         let process = TestProcess::new(notify);
         let (judged, judged_rx) = watch::channel(judged);
         let cancel = CancellationToken::new();

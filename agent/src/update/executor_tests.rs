@@ -4,7 +4,7 @@
 //! built here from a [`MemorySource`] into a temporary data directory, and
 //! hooks run as real commands. Only the effects on the host's services are
 //! faked: [`FakeSupervisor`] records what it is asked to do, [`FakeProbe`]
-//! answers health checks per release as the test decides, [`FakeStats`]
+//! answers health checks per release as the test decides, [`FixedStats`]
 //! returns fixed figures. Outcomes are awaited (the engine's own futures) or
 //! polled with a deadline ([`eventually`]); no test sleeps to wait for one.
 
@@ -19,7 +19,7 @@ use tempfile::TempDir;
 use super::*;
 use crate::health::probe::ProbeOutcome;
 use crate::health::tracker::ProcessWatch;
-use crate::host_stats::{HostSample, ProcessSample};
+use crate::host_stats::FixedStats;
 use crate::release::{
     Artifact, CheckKind, HealthCheck, Hooks, RestartPolicy, Supervision, Thresholds,
 };
@@ -267,40 +267,6 @@ impl HealthProbe for FakeProbe {
     }
 }
 
-/// Fixed, modest figures.
-#[derive(Debug)]
-struct FakeStats;
-
-impl HostStats for FakeStats {
-    fn host(&mut self) -> HostSample {
-        HostSample {
-            cpu_percent: 5.0,
-            mem_used_bytes: 1 << 30,
-            mem_total_bytes: 8 << 30,
-            load1: 0.1,
-        }
-    }
-
-    fn process_tree(&mut self, _pid: u32, _max_age: Duration) -> Option<ProcessSample> {
-        Some(ProcessSample {
-            rss_bytes: 10 << 20,
-            cpu_percent: 1.0,
-        })
-    }
-
-    fn process_alive(&mut self, _pid: u32, _start_time: Option<u64>) -> bool {
-        true
-    }
-
-    fn process_start_time(&mut self, _pid: u32) -> Option<u64> {
-        Some(1)
-    }
-
-    fn processes_with_cwd_under(&mut self, _dir: &Path) -> Vec<u32> {
-        Vec::new()
-    }
-}
-
 // ---- harness ----
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,7 +335,7 @@ impl Host {
 
     /// Starts an engine on the store; its workers recover from the journal.
     fn start(&mut self) -> Arc<Engine> {
-        let stats: Arc<Mutex<dyn HostStats>> = Arc::new(Mutex::new(FakeStats));
+        let stats: Arc<Mutex<dyn HostStats>> = Arc::new(Mutex::new(FixedStats::default()));
         let engine = Engine::start(Deps {
             store: self.store().clone(),
             installer: self.installer.clone(),
