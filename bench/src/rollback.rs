@@ -253,13 +253,7 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
     fake.stage(host, def("v1b", &d1b, port)).await?;
     let prober = Prober::start(port);
     let r = fake.activate(host, "web", "v1b").await?;
-    util::poll(
-        "v1b serving",
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
-    )
-    .await?;
+    serving(port, "v1b", "v1b serving", Duration::from_secs(10)).await?;
     let probes = prober.finish();
     if !r.ok {
         bail!("v1b failed: {}", r.error);
@@ -282,13 +276,7 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
     if r.ok {
         bail!("the unhealthy v2 was accepted");
     }
-    util::poll(
-        "v1b serving again",
-        Duration::from_secs(10),
-        Duration::from_millis(10),
-        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
-    )
-    .await?;
+    serving(port, "v1b", "v1b serving again", Duration::from_secs(10)).await?;
     let probes = prober.finish();
     let first_fail = probes
         .iter()
@@ -319,11 +307,11 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
             r.error
         );
     }
-    util::poll(
+    serving(
+        port,
+        "v1b",
         "v1b serving again after v3 turned unhealthy in probation",
         Duration::from_millis(UNHEALTHY_AFTER_MS) + Duration::from_secs(10),
-        Duration::from_millis(10),
-        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
     )
     .await?;
     let probes = prober.finish();
@@ -380,11 +368,11 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
         prober.finish();
         bail!("v4 failed, but not as a crash loop: {}", r.error);
     }
-    util::poll(
+    serving(
+        port,
+        "v1b",
         "v1b serving again after v4 crashed",
         Duration::from_secs(10),
-        Duration::from_millis(10),
-        async || (util::served_version(port).as_deref() == Some("v1b")).then_some(()),
     )
     .await?;
     let probes = prober.finish();
@@ -404,6 +392,14 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
         never_healthy,
         crash,
     })
+}
+
+/// Waits (up to `deadline`) until the service on `port` serves `release`.
+async fn serving(port: u16, release: &str, what: &str, deadline: Duration) -> Result<()> {
+    util::poll(what, deadline, Duration::from_millis(10), async || {
+        (util::served_version(port).as_deref() == Some(release)).then_some(())
+    })
+    .await
 }
 
 fn ms(d: Duration) -> f64 {
