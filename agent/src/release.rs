@@ -176,7 +176,8 @@ pub enum CheckKind {
         url: String,
         /// Exact status expected, or any 2xx.
         expect_status: Option<u16>,
-        /// Substring the body must contain.
+        /// Substring the body must contain; a body over
+        /// [`crate::health::probe::MAX_HTTP_BODY`] fails the check.
         body_contains: Option<String>,
     },
     /// TCP connect to `host:port`.

@@ -13,8 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use http::Uri;
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
@@ -50,21 +56,30 @@ pub enum ProbeOutcome {
     Fail(String),
 }
 
-/// The real probe: HTTP via reqwest, TCP via tokio, exec via [`run_command`].
+/// The most of a response body an HTTP check reads: a health endpoint answers
+/// with a few bytes, and a check must not let a service make the agent buffer
+/// without bound.
+pub const MAX_HTTP_BODY: usize = 1024 * 1024;
+
+/// The real probe: HTTP via hyper's pooled client, TCP via tokio, exec via
+/// [`run_command`].
 #[derive(Debug)]
 pub struct RealProbe {
-    /// Shared connection pool; built without proxies, because a health check of
-    /// `127.0.0.1` must never go through `HTTP_PROXY`.
-    client: reqwest::Client,
+    /// Shared connection pool: a check reuses its connection, as a real
+    /// service's clients do. Plain HTTP only (specs accept only `http://`),
+    /// and no proxy: a check of `127.0.0.1` must never go through `HTTP_PROXY`.
+    client: Client<HttpConnector, Empty<Bytes>>,
 }
 
 impl RealProbe {
     /// Creates a probe with its own HTTP client.
     pub fn new() -> Self {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap_or_default();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        // The timer lets the pool close connections idle for 90 s.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector);
         RealProbe { client }
     }
 }
@@ -122,9 +137,13 @@ impl RealProbe {
         body_contains: Option<&str>,
     ) -> ProbeOutcome {
         let fail = |why: String| ProbeOutcome::Fail(format!("GET {url}: {why}"));
-        let response = match self.client.get(url).send().await {
+        let uri = match url.parse::<Uri>() {
+            Ok(uri) => uri,
+            Err(e) => return fail(format!("invalid URL: {e}")),
+        };
+        let response = match self.client.get(uri).await {
             Ok(r) => r,
-            Err(e) => return fail(describe_reqwest(&e)),
+            Err(e) => return fail(describe_client_error(&e)),
         };
         let status = response.status();
         let status_ok = match expect_status {
@@ -138,26 +157,44 @@ impl RealProbe {
         let Some(needle) = body_contains else {
             return ProbeOutcome::Pass;
         };
-        match response.text().await {
-            Ok(body) if body.contains(needle) => ProbeOutcome::Pass,
-            Ok(_) => fail(format!("body does not contain {needle:?}")),
-            Err(e) => fail(format!("reading body: {}", describe_reqwest(&e))),
+        let body = match Limited::new(response.into_body(), MAX_HTTP_BODY)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return fail(format!(
+                    "body is over {} KiB, the most a check reads; serve a short health body",
+                    MAX_HTTP_BODY / 1024
+                ));
+            }
+            Err(e) => return fail(format!("reading body: {}", innermost(&*e))),
+        };
+        if String::from_utf8_lossy(&body).contains(needle) {
+            ProbeOutcome::Pass
+        } else {
+            fail(format!("body does not contain {needle:?}"))
         }
     }
 }
 
-/// reqwest's own message is "error sending request for url (...)"; the useful
-/// part is the innermost cause.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let mut cause: &dyn std::error::Error = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
+/// The client's own message is "client error (Connect)"; the useful part is
+/// the innermost cause.
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    let cause = innermost(e);
     if e.is_connect() {
         format!("connect: {cause}")
     } else {
-        cause.to_string()
+        cause
     }
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 async fn tcp(address: &str) -> ProbeOutcome {
@@ -469,6 +506,11 @@ mod tests {
         addr
     }
 
+    /// One probe of `check` by a fresh [`RealProbe`], from `/`.
+    async fn probe_once(check: &HealthCheck) -> ProbeOutcome {
+        RealProbe::new().probe(check, &ctx(Path::new("/"))).await
+    }
+
     fn fail_reason(outcome: ProbeOutcome) -> String {
         match outcome {
             ProbeOutcome::Fail(why) => why,
@@ -496,47 +538,89 @@ mod tests {
     #[tokio::test]
     async fn http_500_fails_with_status_in_reason() {
         let server = canned("500 Internal Server Error", "unhealthy").await;
-        let why = fail_reason(
-            RealProbe::new()
-                .probe(&http(&server.url, None, None), &ctx(Path::new("/")))
-                .await,
-        );
+        let why = fail_reason(probe_once(&http(&server.url, None, None)).await);
         assert_eq!(why, format!("GET {}: status 500, want 2xx", server.url));
     }
 
     #[tokio::test]
     async fn http_expected_status_is_exact() {
         let server = canned("200 OK", "ok").await;
-        let why = fail_reason(
-            RealProbe::new()
-                .probe(&http(&server.url, Some(204), None), &ctx(Path::new("/")))
-                .await,
-        );
+        let why = fail_reason(probe_once(&http(&server.url, Some(204), None)).await);
         assert!(why.contains("status 200, want 204"), "{why}");
     }
 
     #[tokio::test]
     async fn http_wrong_body_fails() {
         let server = canned("200 OK", "starting").await;
-        let why = fail_reason(
-            RealProbe::new()
-                .probe(
-                    &http(&server.url, None, Some("ready")),
-                    &ctx(Path::new("/")),
-                )
-                .await,
-        );
+        let why = fail_reason(probe_once(&http(&server.url, None, Some("ready"))).await);
         assert!(why.contains("body does not contain \"ready\""), "{why}");
+    }
+
+    #[tokio::test]
+    async fn http_body_over_the_limit_fails_naming_the_limit() {
+        let server = canned("200 OK", &"x".repeat(MAX_HTTP_BODY + 1)).await;
+        let why = fail_reason(probe_once(&http(&server.url, None, Some("ready"))).await);
+        assert!(why.contains("body is over 1024 KiB"), "{why}");
+        // Without a body to match, the body is not read and its size is moot.
+        assert_eq!(
+            probe_once(&http(&server.url, None, None)).await,
+            ProbeOutcome::Pass
+        );
+    }
+
+    #[tokio::test]
+    async fn http_checks_reuse_their_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/health", listener.local_addr().expect("addr"));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&accepted);
+        let server = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if conn.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let probe = RealProbe::new();
+        let c = ctx(Path::new("/"));
+        for _ in 0..3 {
+            assert_eq!(
+                probe.probe(&http(&url, None, Some("ok")), &c).await,
+                ProbeOutcome::Pass
+            );
+        }
+        server.abort();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn http_malformed_url_fails_naming_it() {
+        let why = fail_reason(probe_once(&http("http://[::1/health", None, None)).await);
+        assert!(
+            why.starts_with("GET http://[::1/health: invalid URL"),
+            "{why}"
+        );
     }
 
     #[tokio::test]
     async fn http_to_closed_port_fails_with_connect() {
         let url = format!("http://{}/health", free_port_addr());
-        let why = fail_reason(
-            RealProbe::new()
-                .probe(&http(&url, None, None), &ctx(Path::new("/")))
-                .await,
-        );
+        let why = fail_reason(probe_once(&http(&url, None, None)).await);
         assert!(why.starts_with(&format!("GET {url}: connect")), "{why}");
     }
 

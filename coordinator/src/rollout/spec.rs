@@ -37,7 +37,7 @@
 //! # tcp = "127.0.0.1:8080"                 # tcp (host:port; the port may be "${PORT}" from the agent's [env])
 //! # exec = ["./bin/check"]                 # or exec (argv that must exit 0)
 //! expect_status = 200        # http only; default: any 2xx
-//! body_contains = "ok"       # http only
+//! body_contains = "ok"       # http only; a body over 1 MiB fails the check
 //! interval = "2s"            # default 2s
 //! timeout = "1s"             # default 2s
 //! failure_threshold = 3      # consecutive failures before failing; default 3
