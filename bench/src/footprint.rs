@@ -42,6 +42,8 @@ struct RunResult {
     idle_rss: f64,
     idle_anon: f64,
     idle_file: f64,
+    /// Resident pages of the agent binary's own file (code, read-only data).
+    idle_own_file: f64,
     idle_cpu: f64,
     before_cycles_rss: f64,
     /// RSS after the first tenth of the cycles (code paths and allocator
@@ -91,6 +93,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
         Figure::at_most("idle RSS (MiB)", col(|r| r.idle_rss), 8.0, "≤ 8 MiB"),
         Figure::plain("idle RssAnon: heap, stacks (MiB)", col(|r| r.idle_anon)),
         Figure::plain("idle RssFile: binary, libc (MiB)", col(|r| r.idle_file)),
+        Figure::plain(
+            "of which the agent binary's own file (MiB)",
+            col(|r| r.idle_own_file),
+        ),
         Figure::at_most(
             "idle CPU (% of one core)",
             col(|r| r.idle_cpu),
@@ -194,6 +200,20 @@ async fn one_run(
     let idle_cpu = util::cpu_percent(&a, &b);
     let idle_rss = mib(b.rss_bytes);
     let (idle_anon, idle_file) = (mib(b.rss_anon_bytes), mib(b.rss_file_bytes));
+    let by_file = util::rss_by_file(pid)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let idle_own_file = mib(by_file
+        .get(&exe.display().to_string())
+        .copied()
+        .unwrap_or(0));
+    note(format!(
+        "idle RssFile by file: {}",
+        by_file
+            .iter()
+            .map(|(path, bytes)| format!("{path} {:.0} KiB", *bytes as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     note(format!(
         "idle: RSS {idle_rss:.2} MiB, CPU {idle_cpu:.3} % over {} s",
         idle.as_secs()
@@ -243,6 +263,7 @@ async fn one_run(
         idle_rss,
         idle_anon,
         idle_file,
+        idle_own_file,
         idle_cpu,
         before_cycles_rss: idle_rss,
         warm_rss,

@@ -14,9 +14,16 @@
 //!
 //! The limit: the coordinator must push `hosts × size` over loopback and the
 //! agents must write what ends in their data dirs (measured with a directory
-//! walk afterwards). Loopback bandwidth is a plain TCP copy of `size` bytes;
-//! disk bandwidth a write of `size` bytes plus fsync in the temp dir. The
-//! limit is the larger of the two times (they overlap at best).
+//! walk afterwards). Loopback bandwidth is a plain TCP copy of `size` bytes.
+//! Disk bandwidth is measured at the agents' own volume and concurrency, just
+//! before the rollout: one thread per host writes its share of `2 × hosts ×
+//! size` (each host keeps the artifact and the release unpacked from it) to a
+//! new file in the temp dir and fsyncs it; the files stay until the run ends,
+//! so the agents never write into memory the probe has just freed. The disk
+//! time is what the agents wrote (directory walk) at that rate. A write of
+//! one release by one thread after the run, into memory just freed, is
+//! reported beside it (the limit of earlier runs). The limit is the larger of
+//! the loopback and disk times (they overlap at best).
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -36,6 +43,13 @@ pub struct Args {
     /// Hosts (full: 20, quick: 3).
     #[arg(long)]
     pub hosts: Option<usize>,
+    /// Pause before each run after the first (full: 30 s, quick: 0), so
+    /// that every run starts with memory as cold as the first's: on a
+    /// virtual machine whose host takes freed guest memory back within
+    /// seconds, writing into memory the last run just freed is several times
+    /// faster than writing into memory the host has taken back.
+    #[arg(long)]
+    pub cool_down_secs: Option<u64>,
 }
 
 struct RunResult {
@@ -43,6 +57,7 @@ struct RunResult {
     limit_s: f64,
     net_mibs: f64,
     disk_mibs: f64,
+    one_release_mibs: f64,
     sent_mib: f64,
     fetches: f64,
     file_reads: f64,
@@ -53,12 +68,24 @@ struct RunResult {
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
     let size = args.size_mib.unwrap_or(if ctx.quick { 5 } else { 200 });
     let n = args.hosts.unwrap_or(if ctx.quick { 3 } else { 20 });
+    let cool_down =
+        Duration::from_secs(
+            args.cool_down_secs
+                .unwrap_or(if ctx.quick { 0 } else { 30 }),
+        );
     let mut block = Block::start(
         "Artifact staging",
-        format!("{size} MiB release to {n} hosts, stage_parallelism {n}"),
+        format!(
+            "{size} MiB release to {n} hosts, stage_parallelism {n}, {} s between runs",
+            cool_down.as_secs()
+        ),
     );
     let mut results = Vec::new();
     for i in 0..ctx.runs {
+        if i > 0 && !cool_down.is_zero() {
+            note(format!("cooling down for {} s", cool_down.as_secs()));
+            tokio::time::sleep(cool_down).await;
+        }
         note(format!(
             "staging run {}/{}: {size} MiB to {n} hosts",
             i + 1,
@@ -83,7 +110,14 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
             "≤ 1.5",
         ),
         Figure::plain("loopback TCP copy (MiB/s)", col(|r| r.net_mibs)),
-        Figure::plain("disk write+fsync (MiB/s)", col(|r| r.disk_mibs)),
+        Figure::plain(
+            "disk write+fsync of what the agents wrote, one writer per host (MiB/s)",
+            col(|r| r.disk_mibs),
+        ),
+        Figure::plain(
+            "disk write+fsync of one release, one writer (MiB/s)",
+            col(|r| r.one_release_mibs),
+        ),
         Figure::plain("coordinator artifact bytes sent (MiB)", col(|r| r.sent_mib)),
         Figure::plain("artifact fetches", col(|r| r.fetches)),
         Figure::at_most(
@@ -180,24 +214,53 @@ fn loopback_bandwidth(size: u64) -> Result<f64> {
     Ok(mib(size) / secs)
 }
 
-/// MiB/s of writing `size` bytes to a new file in `dir` and fsyncing it.
-fn disk_bandwidth(dir: &Path, size: u64) -> Result<f64> {
-    let path = dir.join("disk-probe.bin");
+/// Files a disk probe wrote, removed when dropped.
+struct ProbeFiles(Vec<std::path::PathBuf>);
+
+impl Drop for ProbeFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// MiB/s of `writers` threads each writing its share of `bytes` to a new file
+/// in `dir` and fsyncing it, timed from the first write to the last fsync.
+/// The files stay until the returned [`ProbeFiles`] is dropped.
+fn disk_bandwidth(dir: &Path, bytes: u64, writers: usize) -> Result<(f64, ProbeFiles)> {
+    let writers = writers.max(1);
+    let share = bytes / writers as u64;
     let mut chunk = vec![0u8; 1024 * 1024];
     fill_random(&mut chunk, 11);
+    let chunk = std::sync::Arc::new(chunk);
     let start = Instant::now();
-    let mut f = std::fs::File::create(&path)?;
-    let mut left = size;
-    while left > 0 {
-        let n = usize::try_from(left.min(chunk.len() as u64))?;
-        f.write_all(&chunk[..n])?;
-        left -= n as u64;
+    let threads: Vec<_> = (0..writers)
+        .map(|i| {
+            let path = dir.join(format!("disk-probe-{i}.bin"));
+            let chunk = std::sync::Arc::clone(&chunk);
+            std::thread::spawn(move || -> std::io::Result<std::path::PathBuf> {
+                let mut f = std::fs::File::create(&path)?;
+                let mut left = share;
+                while left > 0 {
+                    let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+                    f.write_all(&chunk[..n])?;
+                    left -= n as u64;
+                }
+                f.sync_all()?;
+                Ok(path)
+            })
+        })
+        .collect();
+    let mut files = ProbeFiles(Vec::new());
+    for t in threads {
+        files.0.push(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("disk probe writer panicked"))??,
+        );
     }
-    f.sync_all()?;
     let secs = start.elapsed().as_secs_f64();
-    drop(f);
-    std::fs::remove_file(&path)?;
-    Ok(mib(size) / secs)
+    Ok((mib(share * writers as u64) / secs, files))
 }
 
 /// Total size of the regular files under `dir`.
@@ -275,6 +338,14 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         }
         .toml(),
     )?;
+    // The disk probe runs before the rollout, at the volume the agents will
+    // write (each host keeps the artifact and the release unpacked from it)
+    // and one writer per host, and its files stay until the run ends: neither
+    // it nor the agents can write into memory the other has just freed, which
+    // is faster on a virtual machine whose host takes freed guest memory back
+    // within seconds (BENCHMARKS.md, staging).
+    let expected_bytes = 2 * size * n as u64;
+    let (disk_mibs, probe_files) = disk_bandwidth(work.path(), expected_bytes, n)?;
     let sent0 = util::metric(metrics_port, "rollout_artifact_bytes_sent_total").unwrap_or(0.0);
     let read0 = util::metric(metrics_port, "rollout_artifact_bytes_read_total").unwrap_or(0.0);
     let fetch0 = util::metric(metrics_port, "rollout_artifact_fetches_total").unwrap_or(0.0);
@@ -329,11 +400,20 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         Duration::from_secs(120),
     )
     .await;
-    drop(agents);
     let net_mibs = loopback_bandwidth(size)?;
-    let disk_mibs = disk_bandwidth(work.path(), size)?;
+    drop(agents);
+    drop(probe_files);
+    // The earlier runs' limit: one release by one writer, into memory just
+    // freed.
+    let (one_release_mibs, _) = disk_bandwidth(work.path(), size, 1)?;
     let net_s = mib(size) * n as f64 / net_mibs;
     let disk_s = mib(disk_bytes) / disk_mibs;
+    note(format!(
+        "disk write+fsync: {disk_mibs:.0} MiB/s for {:.0} MiB by {n} writers before the rollout (the agents wrote {:.0} MiB), {one_release_mibs:.0} MiB/s for one release's {:.0} MiB by one writer after it",
+        mib(expected_bytes),
+        mib(disk_bytes),
+        mib(size)
+    ));
     note(format!(
         "limit: loopback {:.2} s ({net_mibs:.0} MiB/s for {:.0} MiB), disk {:.2} s ({disk_mibs:.0} MiB/s for {:.0} MiB written by agents)",
         net_s,
@@ -346,6 +426,7 @@ async fn one_run(ctx: &Ctx, payload: u64, n: usize) -> Result<RunResult> {
         limit_s: net_s.max(disk_s),
         net_mibs,
         disk_mibs,
+        one_release_mibs,
         sent_mib: sent / 1024.0 / 1024.0,
         fetches,
         file_reads: read / size as f64,

@@ -345,6 +345,32 @@ pub struct ProcSample {
     pub cpu_ticks: u64,
 }
 
+/// Resident bytes of each file mapped by `pid` (`/proc/<pid>/smaps`), by
+/// path; anonymous mappings are left out (`RssAnon` counts them).
+pub fn rss_by_file(pid: u32) -> Result<std::collections::BTreeMap<String, u64>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mut by_file = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range perms offset dev inode [path].
+            current = fields
+                .nth(4)
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_owned);
+        } else if first == "Rss:"
+            && let (Some(path), Some(kib)) = (&current, fields.next())
+        {
+            let kib: u64 = kib.parse().unwrap_or(0);
+            *by_file.entry(path.clone()).or_insert(0) += kib * 1024;
+        }
+    }
+    Ok(by_file)
+}
+
 /// Reads `/proc/<pid>/status` `VmRSS` and `/proc/<pid>/stat` utime+stime.
 pub fn sample_proc(pid: u32) -> Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
