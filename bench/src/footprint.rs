@@ -45,6 +45,9 @@ struct RunResult {
     /// Resident pages of the agent binary's own file (code, read-only data).
     idle_own_file: f64,
     idle_cpu: f64,
+    /// The share of sled's I/O threads (`sled-io-*`, which wake every
+    /// second whatever the load), from their scheduler time.
+    idle_cpu_sled: f64,
     before_cycles_rss: f64,
     /// RSS after the first tenth of the cycles (code paths and allocator
     /// pools the cycles use are in by then).
@@ -102,6 +105,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
             col(|r| r.idle_cpu),
             0.1,
             "≤ 0.1 %",
+        ),
+        Figure::plain(
+            "of which sled's I/O threads (% of one core)",
+            col(|r| r.idle_cpu_sled),
         ),
         Figure::plain("RSS before the cycles (MiB)", col(|r| r.before_cycles_rss)),
         Figure::plain(
@@ -191,9 +198,11 @@ async fn one_run(
     if let Some(b) = together {
         b.wait().await;
     }
+    let threads_a = util::cpu_ns_by_thread(pid)?;
     let a = util::sample_proc(pid)?;
     tokio::time::sleep(idle).await;
     let b = util::sample_proc(pid)?;
+    let threads_b = util::cpu_ns_by_thread(pid)?;
     if let Some(b) = together {
         b.wait().await;
     }
@@ -211,6 +220,21 @@ async fn one_run(
         by_file
             .iter()
             .map(|(path, bytes)| format!("{path} {:.0} KiB", *bytes as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    // Each thread group's share of one core over the idle window.
+    let window_ns = b.at.duration_since(a.at).as_nanos().max(1) as f64;
+    let share = |group: &str| {
+        let ns = |m: &std::collections::BTreeMap<String, u64>| m.get(group).copied().unwrap_or(0);
+        ns(&threads_b).saturating_sub(ns(&threads_a)) as f64 / window_ns * 100.0
+    };
+    let idle_cpu_sled = share("sled-io");
+    note(format!(
+        "idle CPU by thread: {}",
+        threads_b
+            .keys()
+            .map(|group| format!("{group} {:.4} %", share(group)))
             .collect::<Vec<_>>()
             .join(", ")
     ));
@@ -265,6 +289,7 @@ async fn one_run(
         idle_file,
         idle_own_file,
         idle_cpu,
+        idle_cpu_sled,
         before_cycles_rss: idle_rss,
         warm_rss,
         after_cycles_rss,

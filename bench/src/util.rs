@@ -371,6 +371,43 @@ pub fn rss_by_file(pid: u32) -> Result<std::collections::BTreeMap<String, u64>> 
     Ok(by_file)
 }
 
+/// Time on CPU of each of `pid`'s threads, in nanoseconds
+/// (`/proc/<pid>/task/<tid>/schedstat`, exact where utime and stime count
+/// whole clock ticks), summed by thread name with any `-<number>` suffix
+/// dropped: the 7 threads `sled-io-0` .. `sled-io-6` are one `sled-io`.
+/// Threads that exit between two readings take their time with them.
+pub fn cpu_ns_by_thread(pid: u32) -> Result<std::collections::BTreeMap<String, u64>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mut by_name = std::collections::BTreeMap::new();
+    for task in tasks.flatten() {
+        // A thread may exit while it is read: skip it.
+        let (Ok(comm), Ok(sched)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let ns: u64 = sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("malformed {}/schedstat", task.path().display()))?;
+        *by_name.entry(thread_group(comm.trim())).or_insert(0) += ns;
+    }
+    Ok(by_name)
+}
+
+/// A thread's name without a trailing `-<number>` (`sled-io-3` → `sled-io`).
+fn thread_group(comm: &str) -> String {
+    match comm.rsplit_once('-') {
+        Some((group, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            group.to_owned()
+        }
+        _ => comm.to_owned(),
+    }
+}
+
 /// Reads `/proc/<pid>/status` `VmRSS` and `/proc/<pid>/stat` utime+stime.
 pub fn sample_proc(pid: u32) -> Result<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -844,5 +881,35 @@ mod tests {
         let d = utc_now();
         assert!(d.starts_with("20") && d.ends_with("UTC"), "{d}");
         assert!(machine().contains("cores"));
+    }
+
+    #[test]
+    fn thread_groups_drop_a_numeric_suffix() {
+        assert_eq!(thread_group("sled-io-3"), "sled-io");
+        assert_eq!(thread_group("sled-io-12"), "sled-io");
+        assert_eq!(thread_group("log flusher"), "log flusher");
+        assert_eq!(thread_group("tokio-runtime-worker"), "tokio-runtime-worker");
+        assert_eq!(thread_group("x-"), "x-");
+    }
+
+    #[test]
+    fn cpu_by_thread_counts_a_busy_thread() {
+        let busy = std::thread::Builder::new()
+            .name("bench-busy-7".into())
+            .spawn(|| {
+                // Spin until the thread has used 20 ms of CPU (bounded: 10 s).
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < std::time::Duration::from_secs(10) {
+                    x = x.wrapping_add(std::hint::black_box(1));
+                    let by = cpu_ns_by_thread(std::process::id()).expect("read");
+                    if by.get("bench-busy").copied().unwrap_or(0) >= 20_000_000 {
+                        return x;
+                    }
+                }
+                panic!("the busy thread never showed 20 ms of CPU");
+            })
+            .expect("spawn");
+        busy.join().expect("busy thread");
     }
 }
