@@ -919,8 +919,8 @@ impl Installer {
 /// written and hashed on a blocking thread, straight from the received
 /// buffer: the runtime thread neither copies nor hashes 256 KiB at a time.
 struct PartWriter {
-    /// `None` only while a chunk is on the blocking thread (or after a
-    /// failure there).
+    /// `None` only while a chunk is on the blocking thread, or after that
+    /// thread's task was lost (a failed write puts the file back).
     state: Option<(File, Sha256)>,
 }
 
@@ -950,7 +950,7 @@ impl PartWriter {
         let (mut file, mut hasher) = self
             .state
             .take()
-            .ok_or_else(|| io::Error::other("an earlier write of the download failed"))?;
+            .ok_or_else(|| io::Error::other("an earlier write of the download was lost"))?;
         let (file, hasher, result) = tokio::task::spawn_blocking(move || {
             let result = f(&mut file, &mut hasher);
             (file, hasher, result)
