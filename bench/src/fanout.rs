@@ -24,6 +24,7 @@ use rollout_proto::pb;
 use rollout_proto::pb::control_service_client::ControlServiceClient;
 use rollout_tests::cluster::CoordinatorProc;
 
+use crate::floor::Floor;
 use crate::swarm::{Swarm, SwarmConfig, raise_nofile};
 use crate::util::{self, Block, Ctx, Figure, mib, note};
 
@@ -112,6 +113,50 @@ async fn ping_all(
     })
 }
 
+/// CPU time between two samples of one process, ms.
+fn cpu_ms(a: &util::ProcSample, b: &util::ProcSample) -> f64 {
+    b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 * 1000.0 / util::clk_tck()
+}
+
+/// The floor's figures, one value per run.
+struct FloorRuns {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    cpu_ms: Vec<f64>,
+}
+
+/// The same fan-out over raw TCP ([`crate::floor`]), as many runs and
+/// pings as the gRPC one.
+async fn floor_runs(ctx: &Ctx, n: usize, pings: usize) -> Result<FloorRuns> {
+    note(format!("fanout N={n}: the raw TCP floor"));
+    let exe = std::env::current_exe().context("this program's path, to start the floor server")?;
+    let mut floor = Floor::start(&exe, n).await?;
+    let server = floor.pid().context("the floor server has no pid")?;
+    let me = std::process::id();
+    floor.ping().await?;
+    let mut out = FloorRuns {
+        p50: vec![],
+        p99: vec![],
+        cpu_ms: vec![],
+    };
+    for _ in 0..ctx.runs {
+        let (a, me_a) = (util::sample_proc(server)?, util::sample_proc(me)?);
+        let mut fan = Vec::new();
+        for _ in 0..pings {
+            fan.push(floor.ping().await?);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (b, me_b) = (util::sample_proc(server)?, util::sample_proc(me)?);
+        fan.sort_by(f64::total_cmp);
+        out.p50.push(percentile(&fan, 0.50));
+        out.p99.push(percentile(&fan, 0.99));
+        out.cpu_ms
+            .push((cpu_ms(&a, &b) + cpu_ms(&me_a, &me_b)) / pings as f64);
+    }
+    floor.stop().await;
+    Ok(out)
+}
+
 async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Duration) -> Result<()> {
     let mut block = Block::start(
         format!("Fan-out to {n} sessions"),
@@ -145,11 +190,14 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
     ping_all(&mut client, n).await?;
     let (mut p50, mut p99, mut max, mut rtt_p50, mut rtt_p99, mut rpc_p50) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let me = std::process::id();
+    let (mut coord_ms, mut swarm_ms) = (vec![], vec![]);
     for run in 0..ctx.runs {
         note(format!("fanout N={n}: run {}/{}", run + 1, ctx.runs));
         let mut fan = Vec::new();
         let mut rpc = Vec::new();
         let mut rtts = Vec::new();
+        let (c0, s0) = (util::sample_proc(pid)?, util::sample_proc(me)?);
         for _ in 0..pings {
             let p = ping_all(&mut client, n).await?;
             fan.push(p.fanout_ms);
@@ -157,6 +205,9 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
             rtts.extend(p.rtts);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let (c1, s1) = (util::sample_proc(pid)?, util::sample_proc(me)?);
+        coord_ms.push(cpu_ms(&c0, &c1) / pings as f64);
+        swarm_ms.push(cpu_ms(&s0, &s1) / pings as f64);
         fan.sort_by(f64::total_cmp);
         rpc.sort_by(f64::total_cmp);
         rtts.sort_by(f64::total_cmp);
@@ -175,7 +226,6 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
         .counters
         .reports
         .load(std::sync::atomic::Ordering::Relaxed);
-    let me = std::process::id();
     let (a, me_a) = (util::sample_proc(pid)?, util::sample_proc(me)?);
     let mut peak_rss = a.rss_bytes;
     let end = Instant::now() + window;
@@ -198,6 +248,7 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
         .load(std::sync::atomic::Ordering::Relaxed);
     swarm.stop().await;
     drop(coord);
+    let floor = floor_runs(ctx, n, pings).await?;
     block.finish();
     let big = n >= 10_000;
     let target_ms = |name: &str, v: Vec<f64>| {
@@ -214,6 +265,14 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
         Figure::plain("Ping RPC seen by the client, p50 (ms)", rpc_p50),
         Figure::plain("per-host round trip, p50 (ms)", rtt_p50),
         Figure::plain("per-host round trip, p99 (ms)", rtt_p99),
+        Figure::plain("CPU per ping, coordinator (ms of one core)", coord_ms),
+        Figure::plain("CPU per ping, swarm (ms of one core)", swarm_ms),
+        Figure::plain("floor: raw TCP fan-out, p50 (ms)", floor.p50),
+        Figure::plain("floor: raw TCP fan-out, p99 (ms)", floor.p99),
+        Figure::plain(
+            "floor: CPU per ping, server + clients (ms of one core)",
+            floor.cpu_ms,
+        ),
     ];
     let rss = mib(b.rss_bytes);
     let peak = mib(peak_rss);
@@ -246,6 +305,14 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
     ));
     block.notes.push(format!(
         "coordinator RSS at the end of the window {rss:.1} MiB; the swarm process (all sessions) used {swarm_cpu:.1} % of one core on the same machine"
+    ));
+    block.notes.push(format!(
+        "CPU per ping: utime+stime of each process over a run's pings divided by their number; it includes the reports that arrive during a ping and the 100 ms pause after it ({:.0} reports/s in all)",
+        reports as f64 / window.as_secs_f64().max(0.001)
+    ));
+    block.notes.push(format!(
+        "floor: the same fan-out over {n} raw TCP connections between a server process and this one, {} bytes each way, no HTTP/2, gRPC or coordinator (`bench fanout-floor-server`, src/floor.rs); timed inside the server; the same pings per run and pauses",
+        crate::floor::FRAME
     ));
     block.notes.push(
         "fan-out time: measured inside the coordinator from the first Ping sent to the last answer (`rollout ping` prints it); round trips per host likewise; CPU/RSS from /proc of the coordinator process".into(),

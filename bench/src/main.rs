@@ -13,12 +13,14 @@
 //! * [`fanout`]: a ping to N sessions and back, p50/p99; coordinator RSS/CPU
 //!   with N sessions reporting.
 //! * [`swarm`]: many agent sessions in one process (used for N ≥ 1,000).
+//! * [`floor`]: the fan-out over raw TCP, the floor `fanout` reports against.
 //! * [`rollback`]: host-level and fleet-level rollback latency.
 //! * [`staging`]: a large artifact to many hosts against measured bandwidth.
 //!
 //! This file only parses the command line and dispatches.
 
 mod fanout;
+mod floor;
 mod footprint;
 mod overhead;
 mod rollback;
@@ -70,6 +72,9 @@ enum Cmd {
     /// Many agent sessions in this process against a coordinator on
     /// loopback, for a bounded time (what overhead and fanout use for N ≥ 1,000).
     Swarm(swarm::Args),
+    /// The raw-TCP server of `fanout`'s floor (started by `bench fanout`).
+    #[command(hide = true)]
+    FanoutFloorServer(floor::ServerArgs),
     /// Every benchmark with its default parameters (with --quick: CI's check).
     All,
 }
@@ -95,6 +100,7 @@ fn main() -> Result<()> {
             Cmd::Overhead(a) => overhead::run(&ctx, &a).await,
             Cmd::Fanout(a) => fanout::run(&ctx, &a).await,
             Cmd::Swarm(a) => swarm::run(&a).await,
+            Cmd::FanoutFloorServer(a) => floor::serve(&a).await,
             Cmd::All => {
                 footprint::run(&ctx, &Default::default()).await?;
                 rollback::run(&ctx, &Default::default()).await?;
