@@ -12,7 +12,13 @@
 //! pings of a run, and the table shows the median/min/max of those over the
 //! runs. Then, with no pings, the coordinator's `VmRSS` and CPU (utime+stime
 //! from `/proc/<pid>/stat`, share of one core) are sampled over
-//! `--sample-secs` while the sessions report.
+//! `--sample-secs` while the sessions report. Each process's CPU time over a
+//! run's pings (utime+stime), divided by their number, is its CPU per ping.
+//!
+//! Then the floor ([`crate::floor`]): the same fan-out, as many runs and
+//! pings, over N raw TCP connections between a server process and this one,
+//! with no HTTP/2, gRPC or coordinator: what the kernel and tokio cost alone
+//! on this machine.
 //!
 //! The sessions run on the same 2 cores as the coordinator, so the
 //! coordinator's CPU and the fan-out times include that competition.
