@@ -24,6 +24,9 @@
 //!   restarts take the same time;
 //! * coordinator overhead = batch phase − physical limit, per batch and as a
 //!   share of the limit (target at N = 1,000: ≤ 5 % and ≤ 50 ms per batch);
+//! * the overhead inside batches is split by the batch's last marks
+//!   (`batch_started` → last `activating` → last `probation`, less the
+//!   restart + bake → last `committed` → `batch_done`), mean per batch;
 //! * staging (artifact to every host before the first batch) and the
 //!   end-to-end time `created` → `succeeded` are reported beside it.
 //!
@@ -85,7 +88,57 @@ struct Measured {
     /// Time between a batch_done and the next batch_started, summed and
     /// divided by the number of batches (so in_batch + gap = per batch), ms.
     gap_ms: f64,
+    /// Where the time inside batches goes, mean per batch ([`Phases`]).
+    phases: Phases,
     coord_cpu: f64,
+}
+
+/// The inside of a batch, from the coordinator's events (ms, mean per
+/// batch): `batch_started` → last `activating` (journaling the batch before
+/// any Activate leaves); → last `probation`, less the slowest host's
+/// restart + bake (the Activate round trips and journaling their results);
+/// → last `committed` (the Commit round trips and their journal write);
+/// → `batch_done`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Phases {
+    journal_start_ms: f64,
+    activate_ms: f64,
+    commit_ms: f64,
+    done_ms: f64,
+}
+
+/// [`Phases`] of one rollout's events, `(at_ms, host, kind)` in order;
+/// `work[i]` is batch i's slowest restart + bake. Batches whose events are
+/// missing one of the four marks are left out.
+fn phases(events: &[(i64, String, String)], starts: &[f64], dones: &[f64], work: &[f64]) -> Phases {
+    let mut sum = Phases::default();
+    let mut counted = 0usize;
+    for (i, (&start, &done)) in starts.iter().zip(dones).enumerate() {
+        let last = |kind: &str| {
+            events
+                .iter()
+                .filter(|e| e.2 == kind && (e.0 as f64) >= start && (e.0 as f64) <= done)
+                .map(|e| e.0 as f64)
+                .reduce(f64::max)
+        };
+        let (Some(act), Some(prob), Some(com)) =
+            (last("activating"), last("probation"), last("committed"))
+        else {
+            continue;
+        };
+        sum.journal_start_ms += act - start;
+        sum.activate_ms += prob - act - work.get(i).copied().unwrap_or(0.0);
+        sum.commit_ms += com - prob;
+        sum.done_ms += done - com;
+        counted += 1;
+    }
+    let k = counted.max(1) as f64;
+    Phases {
+        journal_start_ms: sum.journal_start_ms / k,
+        activate_ms: sum.activate_ms / k,
+        commit_ms: sum.commit_ms / k,
+        done_ms: sum.done_ms / k,
+    }
 }
 
 impl Measured {
@@ -317,6 +370,22 @@ async fn one_size(
                 col(&|m| m.gap_ms),
             ),
             Figure::plain(
+                "  inside: batch_started → hosts journaled activating (ms)",
+                col(&|m| m.phases.journal_start_ms),
+            ),
+            Figure::plain(
+                "  inside: Activate round trips and results, less restart + bake (ms)",
+                col(&|m| m.phases.activate_ms),
+            ),
+            Figure::plain(
+                "  inside: Commit round trips and journal (ms)",
+                col(&|m| m.phases.commit_ms),
+            ),
+            Figure::plain(
+                "  inside: last committed → batch_done (ms)",
+                col(&|m| m.phases.done_ms),
+            ),
+            Figure::plain(
                 "coordinator CPU during the rollout (% of one core)",
                 col(&|m| m.coord_cpu),
             ),
@@ -457,6 +526,48 @@ async fn measure(
         batches: nb,
         in_batch_ms: in_batch / nb as f64,
         gap_ms: gaps / nb as f64,
+        phases: phases(&events, &starts, &dones, &slowest),
         coord_cpu: 0.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(at: i64, host: &str, kind: &str) -> (i64, String, String) {
+        (at, host.to_string(), kind.to_string())
+    }
+
+    /// Each phase runs from the last mark of the one before, inside its own
+    /// batch; the restart + bake is taken out of the Activate phase.
+    #[test]
+    fn phases_split_each_batch_at_its_last_marks() {
+        let events = vec![
+            ev(1000, "", "batch_started"),
+            ev(1001, "a", "activating"),
+            ev(1002, "b", "activating"),
+            ev(1110, "a", "probation"),
+            ev(1120, "b", "probation"),
+            ev(1125, "a", "committed"),
+            ev(1130, "b", "committed"),
+            ev(1133, "", "batch_done"),
+            ev(1135, "", "batch_started"),
+            ev(1139, "c", "activating"),
+            ev(1250, "c", "probation"),
+            ev(1260, "c", "committed"),
+            ev(1261, "", "batch_done"),
+        ];
+        let p = phases(
+            &events,
+            &[1000.0, 1135.0],
+            &[1133.0, 1261.0],
+            &[100.0, 100.0],
+        );
+        // Batch 0: 2, 18, 10, 3; batch 1: 4, 11, 10, 1.
+        assert_eq!(p.journal_start_ms, 3.0);
+        assert_eq!(p.activate_ms, 14.5);
+        assert_eq!(p.commit_ms, 10.0);
+        assert_eq!(p.done_ms, 2.0);
+    }
 }
