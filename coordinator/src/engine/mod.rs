@@ -328,19 +328,55 @@ impl Engine {
             return Ok(());
         };
         drop(g);
-        // Durable before the caller acts on it; the fsync is shared with the
-        // other rollouts' and hosts' writes waiting at the same time.
-        self.store.flush(&written.events).await?;
-        for e in &written.events {
-            info!(
-                rollout = %id,
-                service = %written.service,
-                release = %written.release,
-                host = e.host.as_deref().unwrap_or("-"),
-                kind = %e.kind,
-                "{}",
-                e.message
-            );
+        self.publish(id, vec![written]).await
+    }
+
+    /// As [`Engine::update`], but the change is only written (visible in
+    /// the cache, not yet durable, not yet logged or announced): it joins
+    /// `deferred`, which the caller hands to [`Engine::publish`] before it
+    /// acts on any of it.
+    async fn update_deferred(
+        &self,
+        id: &str,
+        deferred: &std::sync::Mutex<Vec<Written>>,
+        f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
+    ) -> Result<(), EngineError> {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        if self.cancel.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
+        if let Some(written) = self.apply(id, f)? {
+            deferred
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(written);
+        }
+        Ok(())
+    }
+
+    /// Makes written changes durable (one fsync, shared with the other
+    /// writes waiting at the same time), then logs their events and
+    /// announces the rollout's change.
+    async fn publish(&self, id: &str, written: Vec<Written>) -> Result<(), EngineError> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<Event> = written.iter().flat_map(|w| w.events.clone()).collect();
+        // Durable before the caller acts on it.
+        self.store.flush(&events).await?;
+        for w in &written {
+            for e in &w.events {
+                info!(
+                    rollout = %id,
+                    service = %w.service,
+                    release = %w.release,
+                    host = e.host.as_deref().unwrap_or("-"),
+                    kind = %e.kind,
+                    "{}",
+                    e.message
+                );
+            }
         }
         let _ = self.changes.send(id.to_string());
         Ok(())
@@ -934,12 +970,20 @@ impl Engine {
         // cooperative budget, or a large batch's sends and results would be
         // spread over many polls of every pending host (each yielding at once
         // once the task's 128 operations per poll are spent).
-        tokio::task::unconstrained(
+        // The results of the hosts journaled above are written as they come
+        // and made durable together once every Activate has returned:
+        // nothing acts on them before (the commits come after), and a
+        // coordinator stopped in between finds those hosts `activating` and
+        // asks them, as for any restart during a batch.
+        let deferred = std::sync::Mutex::new(Vec::new());
+        let deferred_ref = &deferred;
+        let activated = tokio::task::unconstrained(
             futures::stream::iter(work.into_iter().map(|h| {
                 let journaled = ready.contains(&h);
                 async move {
                     if journaled {
-                        self.send_activate(r, h, activate_timeout).await
+                        self.send_activate(r, h, activate_timeout, Some(deferred_ref))
+                            .await
                     } else {
                         self.activate_host(r, h, activate_timeout).await
                     }
@@ -948,9 +992,14 @@ impl Engine {
             .buffer_unordered(n)
             .collect::<Vec<_>>(),
         )
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>, EngineError>>()?;
+        .await;
+        let written = deferred
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.publish(&r.id, written).await?;
+        activated
+            .into_iter()
+            .collect::<Result<Vec<()>, EngineError>>()?;
         if self.check_halt(&r.id, None).await? {
             return Ok(());
         }
@@ -1208,7 +1257,7 @@ impl Engine {
             )])
         })
         .await?;
-        self.send_activate(r, host, timeout).await
+        self.send_activate(r, host, timeout, None).await
     }
 
     /// Waits until `host` is connected, at most until `by`; returns whether it is.
@@ -1319,11 +1368,15 @@ impl Engine {
         }
     }
 
+    /// Sends Activate to a host journaled `activating` and records its
+    /// result: durably before returning, or, with `deferred`, written and
+    /// left in it for the caller's [`Engine::publish`].
     async fn send_activate(
         &self,
         r: &Rollout,
         host: String,
         timeout: Duration,
+        deferred: Option<&std::sync::Mutex<Vec<Written>>>,
     ) -> Result<(), EngineError> {
         let cmd = Cmd::Activate(pb::Activate {
             service: r.service.clone(),
@@ -1352,7 +1405,7 @@ impl Engine {
             ))
             .await;
         }
-        self.update(&r.id, |r| {
+        let record = |r: &mut Rollout| {
             let Some(p) = r.hosts.get_mut(&host) else {
                 return Ok(vec![]);
             };
@@ -1383,9 +1436,11 @@ impl Engine {
                     ev(Some(&host), "host_failed", format!("unreachable: {e}"))
                 }
             }])
-        })
-        .await?;
-        Ok(())
+        };
+        match deferred {
+            Some(d) => self.update_deferred(&r.id, d, record).await,
+            None => self.update(&r.id, record).await,
+        }
     }
 
     /// A host journaled as activating when the coordinator stopped, or whose
@@ -1447,7 +1502,9 @@ impl Engine {
                     // The activation never reached the host: send it now.
                     info!(rollout = %r.id, host = %host, "activation was never received; sending it");
                     let left = settle_by.saturating_duration_since(tokio::time::Instant::now());
-                    return self.send_activate(r, host, left.max(COMMAND_SLACK)).await;
+                    return self
+                        .send_activate(r, host, left.max(COMMAND_SLACK), None)
+                        .await;
                 } else {
                     None
                 };

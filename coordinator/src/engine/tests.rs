@@ -117,6 +117,10 @@ struct Sent {
 struct Agents {
     sent: Mutex<Vec<Sent>>,
     answered: AtomicUsize,
+    /// The coordinator's store, to read its fsync count.
+    store: std::sync::OnceLock<Store>,
+    /// The store's fsync count when each command of `sent` arrived.
+    flushes_at: Mutex<Vec<u64>>,
 }
 
 impl Default for Agents {
@@ -124,6 +128,8 @@ impl Default for Agents {
         Agents {
             sent: Mutex::default(),
             answered: AtomicUsize::new(usize::MAX),
+            store: std::sync::OnceLock::new(),
+            flushes_at: Mutex::default(),
         }
     }
 }
@@ -369,6 +375,8 @@ fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
                     kind,
                     release,
                 });
+                let flushes = log.store.get().map_or(0, Store::flushes);
+                log.flushes_at.lock().expect("log").push(flushes);
                 sent.len()
             };
             let frozen = nth > log.answered.load(Ordering::SeqCst);
@@ -442,6 +450,7 @@ impl Harness {
         let (digest, size) = artifacts.finish(up, None).await.expect("finish");
         let fleet = Arc::new(Fleet::new(store.clone()));
         let log: Log = Arc::default();
+        let _ = log.store.set(store.clone());
         let mut sims = BTreeMap::new();
         for i in 1..=n {
             let sim = Arc::new(Sim::new(&host(i)));
@@ -760,6 +769,37 @@ async fn deploy_updates_every_host_once_in_batch_order() {
         }
         assert!(in_flight.len() <= 2, "{in_flight:?} at once: {log:?}");
     }
+}
+
+/// The Activate results of a batch are made durable by one fsync once all
+/// have returned, before any Commit leaves (not one fsync or more per host).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_journals_its_activation_results_with_one_fsync() {
+    let h = Harness::new(8).await;
+    let engine = h.engine();
+    let spec = SPEC_BATCH2
+        .replace("batch_size = 2", "batch_size = 8")
+        .replace("max_unavailable = 2", "max_unavailable = 8");
+    let r = engine.deploy(&spec, &h.digest, h.size).expect("deploy");
+    assert_eq!(r.batches.len(), 1);
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+    let log = h.sent();
+    let at = h.log.flushes_at.lock().expect("log").clone();
+    let last_activate = log
+        .iter()
+        .rposition(|s| s.kind == "activate")
+        .expect("activations");
+    let first_commit = log
+        .iter()
+        .position(|s| s.kind == "commit")
+        .expect("commits");
+    assert!(last_activate < first_commit, "{log:?}");
+    assert_eq!(
+        at[first_commit] - at[last_activate],
+        1,
+        "fsyncs between the last Activate and the first Commit: {at:?} {log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
