@@ -141,6 +141,9 @@ fn phases(events: &[(i64, String, String)], starts: &[f64], dones: &[f64], work:
     }
 }
 
+/// One figure's value from a measured rollout.
+type Column = fn(&Measured) -> f64;
+
 impl Measured {
     fn overhead_ms(&self) -> f64 {
         self.batch_phase_ms - self.limit_ms
@@ -361,35 +364,33 @@ async fn one_size(
                     col(&|m| m.per_batch_ms()),
                 )
             },
-            Figure::plain(
-                "  of which inside batches (ms per batch)",
-                col(&|m| m.in_batch_ms),
-            ),
-            Figure::plain(
-                "  of which between batches (ms per batch)",
-                col(&|m| m.gap_ms),
-            ),
-            Figure::plain(
-                "  inside: batch_started → hosts journaled activating (ms)",
-                col(&|m| m.phases.journal_start_ms),
-            ),
-            Figure::plain(
-                "  inside: Activate round trips and results, less restart + bake (ms)",
-                col(&|m| m.phases.activate_ms),
-            ),
-            Figure::plain(
-                "  inside: Commit round trips and journal (ms)",
-                col(&|m| m.phases.commit_ms),
-            ),
-            Figure::plain(
-                "  inside: last committed → batch_done (ms)",
-                col(&|m| m.phases.done_ms),
-            ),
-            Figure::plain(
-                "coordinator CPU during the rollout (% of one core)",
-                col(&|m| m.coord_cpu),
-            ),
         ];
+        let parts: [(&str, Column); 7] = [
+            ("  of which inside batches (ms per batch)", |m| {
+                m.in_batch_ms
+            }),
+            ("  of which between batches (ms per batch)", |m| m.gap_ms),
+            (
+                "  inside: batch_started → hosts journaled activating (ms)",
+                |m| m.phases.journal_start_ms,
+            ),
+            (
+                "  inside: Activate round trips and results, less restart + bake (ms)",
+                |m| m.phases.activate_ms,
+            ),
+            ("  inside: Commit round trips and journal (ms)", |m| {
+                m.phases.commit_ms
+            }),
+            ("  inside: last committed → batch_done (ms)", |m| {
+                m.phases.done_ms
+            }),
+            ("coordinator CPU during the rollout (% of one core)", |m| {
+                m.coord_cpu
+            }),
+        ];
+        for (name, f) in parts {
+            block.figures.push(Figure::plain(name, col(&f)));
+        }
         block.notes.push(format!(
             "batches per rollout: {}; restart + bake per batch is the slowest host's own activating → verified time{}",
             runs.first().map_or(0, |m| m.batches),

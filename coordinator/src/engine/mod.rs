@@ -317,18 +317,12 @@ impl Engine {
         id: &str,
         f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
     ) -> Result<(), EngineError> {
-        let lock = self.lock_for(id);
-        let g = lock.lock().await;
-        // Once stopping, commands fail as the agents' streams are closed:
-        // their failures are not the hosts' and must not be recorded.
-        if self.cancel.is_cancelled() {
-            return Err(EngineError::ShuttingDown);
-        }
-        let Some(written) = self.apply(id, f)? else {
-            return Ok(());
-        };
-        drop(g);
-        self.publish(id, vec![written]).await
+        let written = std::sync::Mutex::new(Vec::new());
+        self.update_deferred(id, &written, f).await?;
+        let written = written
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.publish(id, written).await
     }
 
     /// As [`Engine::update`], but the change is only written (visible in
@@ -343,6 +337,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
+        // Once stopping, commands fail as the agents' streams are closed:
+        // their failures are not the hosts' and must not be recorded.
         if self.cancel.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
