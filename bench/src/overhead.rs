@@ -26,7 +26,11 @@
 //!   share of the limit (target at N = 1,000: ≤ 5 % and ≤ 50 ms per batch);
 //! * the overhead inside batches is split by the batch's last marks
 //!   (`batch_started` → last `activating` → last `probation`, less the
-//!   restart + bake → last `committed` → `batch_done`), mean per batch;
+//!   restart + bake → last `committed` → `batch_done`), mean per batch.
+//!   It is exact when the batch's hosts are journaled `activating` together
+//!   (all staged and connected when the batch starts); a host activated on
+//!   its own later (staged late, reconnecting) moves the last `activating`
+//!   mark, and the Activate phase can then come out short, even negative;
 //! * staging (artifact to every host before the first batch) and the
 //!   end-to-end time `created` → `succeeded` are reported beside it.
 //!
