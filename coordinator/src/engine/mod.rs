@@ -358,9 +358,11 @@ impl Engine {
         if written.is_empty() {
             return Ok(());
         }
-        let events: Vec<Event> = written.iter().flat_map(|w| w.events.clone()).collect();
-        // Durable before the caller acts on it.
-        self.store.flush(&events).await?;
+        // Durable before the caller acts on it: the first flush covers every
+        // write here; the others only honour a crash point among their events.
+        for w in &written {
+            self.store.flush(&w.events).await?;
+        }
         for w in &written {
             for e in &w.events {
                 info!(
