@@ -14,14 +14,17 @@
 //!
 //! Every figure comes from timestamps: the coordinator's events (`rollout
 //! events --output json`: `created`, `running`, `batch_started`,
-//! `batch_done`, `succeeded`) and, for real agents, each host's own history
-//! (`activating` → `verified` for this rollout, over the admin socket):
+//! `batch_done`, `succeeded`) and each host's own history (`activating` →
+//! `verified` for this rollout; over the admin socket for real agents, as
+//! its reports carry it for a swarm session):
 //!
 //! * batch phase = last `batch_done` − first `batch_started`;
 //! * physical limit = Σ over batches of the slowest host's agent-side
-//!   `activating` → `verified` (the restart plus the bake; for the swarm
-//!   exactly restart + bake), which is ⌈N/batch⌉ × (restart + bake) when all
-//!   restarts take the same time;
+//!   `activating` → `verified` (the restart plus the bake; for the swarm,
+//!   the simulated restart and bake as the session's timers delivered them,
+//!   which fire on the runtime's next millisecond tick and later when the
+//!   swarm's process is busy), which is ⌈N/batch⌉ × (restart + bake) when
+//!   all restarts take the same time;
 //! * coordinator overhead = batch phase − physical limit, per batch and as a
 //!   share of the limit (target at N = 1,000: ≤ 5 % and ≤ 50 ms per batch);
 //! * the overhead inside batches is split by the batch's last marks
@@ -30,7 +33,10 @@
 //!   It is exact when the batch's hosts are journaled `activating` together
 //!   (all staged and connected when the batch starts); a host activated on
 //!   its own later (staged late, reconnecting) moves the last `activating`
-//!   mark, and the Activate phase can then come out short, even negative;
+//!   mark, and the Activate phase can then come out short, even negative.
+//!   The coordinator writes a batch's start with its ready hosts'
+//!   `activating`, and its commits' results with its end, so the first and
+//!   the last part are about 0 when all its hosts are ready;
 //! * staging (artifact to every host before the first batch) and the
 //!   end-to-end time `created` → `succeeded` are reported beside it.
 //!
@@ -313,7 +319,7 @@ async fn one_size(
             let before = util::sample_proc(pid)?;
             let id = rollout(&coord, &spec, n, *bake).await?;
             let after = util::sample_proc(pid)?;
-            let mut m = measure(&coord, &fleet, &id, &release, *bake).await?;
+            let mut m = measure(&coord, &fleet, &id, &release).await?;
             m.coord_cpu = util::cpu_percent(&before, &after);
             note(format!(
                 "  {} batches: batch phase {:.0} ms, limit {:.0} ms, overhead {:.0} ms/batch ({:.1} %)",
@@ -398,7 +404,7 @@ async fn one_size(
         block.notes.push(format!(
             "batches per rollout: {}; restart + bake per batch is the slowest host's own activating → verified time{}",
             runs.first().map_or(0, |m| m.batches),
-            if use_swarm { " (the swarm's simulated restart plus min_healthy_time)" } else { " from its history" }
+            if use_swarm { " from the history its swarm session reports (the simulated restart plus min_healthy_time, as its timers fired)" } else { " from its history" }
         ));
         ctx.publish(&block)?;
     }
@@ -454,7 +460,6 @@ async fn measure(
     fleet: &Fleet,
     id: &str,
     release: &str,
-    bake: Duration,
 ) -> Result<Measured> {
     let events = util::events(coord, id)?;
     let first = |kind: &str| events.iter().find(|e| e.2 == kind).map(|e| e.0 as f64);
@@ -489,30 +494,31 @@ async fn measure(
             }
         }
     }
-    // Agent-side restart + bake per host.
-    let work: BTreeMap<String, f64> = match fleet {
-        Fleet::Swarm(_, restart) => batch_of
-            .keys()
-            .map(|h| (h.clone(), (*restart + bake).as_secs_f64() * 1000.0))
-            .collect(),
+    // Host-side restart + bake per host: its own `activating` → `verified`
+    // of this rollout, from the history its agent (or swarm session) keeps.
+    let histories: Vec<(String, Vec<rollout_proto::pb::HistoryEntry>)> = match fleet {
+        Fleet::Swarm(swarm, _) => swarm.histories(),
         Fleet::Agents(agents) => {
-            let mut w = BTreeMap::new();
+            let mut v = Vec::new();
             for (host, a) in agents {
-                let hist = a.history("web").await?;
-                let at = |event: &str| {
-                    hist.iter()
-                        .rev()
-                        .find(|e| e.event == event && e.release == release && e.cause == id)
-                        .map(|e| e.at_ms as f64)
-                };
-                let (Some(s), Some(v)) = (at("activating"), at("verified")) else {
-                    bail!("{host}: no activating/verified of {release} by {id} in its history");
-                };
-                w.insert(host.clone(), v - s);
+                v.push((host.clone(), a.history("web").await?));
             }
-            w
+            v
         }
     };
+    let mut work: BTreeMap<String, f64> = BTreeMap::new();
+    for (host, hist) in histories {
+        let at = |event: &str| {
+            hist.iter()
+                .rev()
+                .find(|e| e.event == event && e.release == release && e.cause == id)
+                .map(|e| e.at_ms as f64)
+        };
+        let (Some(s), Some(v)) = (at("activating"), at("verified")) else {
+            bail!("{host}: no activating/verified of {release} by {id} in its history");
+        };
+        work.insert(host, v - s);
+    }
     let nb = starts.len();
     let mut slowest = vec![0.0f64; nb];
     for (h, i) in &batch_of {

@@ -15,7 +15,8 @@
 //! * `Stage`: the artifact is really fetched (`FetchArtifact`, bytes counted,
 //!   not unpacked); then answered.
 //! * `Activate`: answered after the simulated `restart` plus the staged
-//!   definition's `min_healthy_time` (what an agent's verify waits), in
+//!   definition's `min_healthy_time` (what an agent's verify waits; no
+//!   wait at all for a zero one), in
 //!   probation and healthy; the host's history gets `activating` and
 //!   `verified` with the rollout as cause.
 //! * `Commit` / `Rollback`: answered at once, with the state an agent reaches.
@@ -185,6 +186,9 @@ pub struct Swarm {
     tasks: tokio::task::JoinSet<()>,
     /// Last error of a session, for failure messages.
     last_error: Arc<Mutex<Option<String>>>,
+    /// Each session's host, by index.
+    hosts: Vec<Arc<Mutex<HostState>>>,
+    cfg: Arc<SwarmConfig>,
 }
 
 /// Raises the soft limit on open files to the hard limit; fails with the fix
@@ -232,14 +236,17 @@ impl Swarm {
         let last_error = Arc::new(Mutex::new(None));
         let mut tasks = tokio::task::JoinSet::new();
         let cfg = Arc::new(cfg);
-        for i in 0..cfg.sessions {
+        let hosts: Vec<Arc<Mutex<HostState>>> = (0..cfg.sessions)
+            .map(|_| Arc::new(Mutex::new(HostState::new(&cfg))))
+            .collect();
+        for (i, state) in hosts.iter().enumerate() {
             let s = SessionTask {
                 cfg: cfg.clone(),
                 index: i,
                 channel: channels[i / per].clone(),
                 counters: counters.clone(),
                 last_error: last_error.clone(),
-                state: Arc::new(Mutex::new(HostState::new(&cfg))),
+                state: state.clone(),
             };
             let cancel = cancel.clone();
             tasks.spawn(async move { s.run(cancel).await });
@@ -249,6 +256,8 @@ impl Swarm {
             cancel,
             tasks,
             last_error,
+            hosts,
+            cfg: cfg.clone(),
         };
         let deadline = Duration::from_secs(60) + Duration::from_millis(10) * cfg.sessions as u32;
         let end = Instant::now() + deadline;
@@ -274,6 +283,19 @@ impl Swarm {
     /// The last session error seen, if any.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Each session's host name and the history of its service as its
+    /// reports carry it (the newest entries, oldest first).
+    pub fn histories(&self) -> Vec<(String, Vec<pb::HistoryEntry>)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let recent = h.lock().map(|h| h.recent.clone()).unwrap_or_default();
+                (self.cfg.host(i), recent)
+            })
+            .collect()
     }
 
     /// Ends every session and waits for them.
@@ -582,7 +604,11 @@ async fn handle(
                         st.current = a.release.clone();
                         st.phase = pb::Phase::Verifying;
                     }
-                    tokio::time::sleep(bake).await;
+                    // No bake, no wait (a timer, even a zero one, waits
+                    // for the runtime's next tick).
+                    if !bake.is_zero() {
+                        tokio::time::sleep(bake).await;
+                    }
                     state.lock().map_err(|_| poisoned()).map(|mut st| {
                         st.phase = pb::Phase::Probation;
                         st.history(&a.release, "verified", &a.cause, "");

@@ -69,11 +69,14 @@ pub const CRASH_POINTS: &[&str] = &[
     "created",
     // Staging results (hosts staged or failed) and the move to running.
     "running",
+    // A batch's start, in the write that journals its ready hosts
+    // activating (host_activating), before any Activate is sent.
     "batch_started",
     // A host journaled activating, before its Activate is sent.
     "host_activating",
     // A host's Activate answered: verified, in probation.
     "host_probation",
+    // The batch's commits' results and its end, in one write.
     "host_committed",
     "batch_done",
     "succeeded",

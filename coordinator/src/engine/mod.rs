@@ -142,6 +142,60 @@ fn needs_reconcile(p: &HostProgress) -> bool {
         || p.state == HostState::RollbackOwed
 }
 
+/// Halts a running rollout whose failures are past its budget or its host
+/// rollbacks past their limit, or for `why`: moves it to rolling back (or
+/// failed, without `auto_rollback`) and returns the `halted` event. `None`:
+/// it goes on (or has already stopped).
+fn halt(r: &mut Rollout, why: Option<String>) -> Option<Event> {
+    if r.state.is_terminal() || r.state == RolloutState::RollingBack {
+        return None;
+    }
+    let host_rollback_limit = r
+        .strategy
+        .max_host_rollbacks
+        .as_ref()
+        .map(|c| c.resolve_floor(r.hosts.len()));
+    let reason = why
+        .or_else(|| {
+            planner::budget_exceeded(r.failures(), r.failure_budget).then(|| {
+                format!(
+                    "failure budget exceeded: {} hosts failed, budget {}",
+                    r.failures(),
+                    r.failure_budget
+                )
+            })
+        })
+        .or_else(|| {
+            let limit = host_rollback_limit?;
+            (r.host_rollbacks() > limit).then(|| {
+                format!(
+                    "host rollbacks exceeded: {} hosts rolled the release back on their own, limit {limit}",
+                    r.host_rollbacks()
+                )
+            })
+        })?;
+    r.state = if r.strategy.auto_rollback {
+        RolloutState::RollingBack
+    } else {
+        RolloutState::Failed
+    };
+    r.message = reason.clone();
+    warn!(rollout = %r.id, reason = %reason, "rollout halted");
+    Some(ev(None, "halted", reason))
+}
+
+/// A batch's hosts for a message: all of them up to ten, else how many
+/// with the first and the last (the message is in every write of the
+/// rollout's head, once per host result; `rollout status` lists the hosts).
+fn hosts_in_brief(batch: &[String]) -> String {
+    match batch {
+        [first, .., last] if batch.len() > 10 => {
+            format!("{} hosts, {first} … {last}", batch.len())
+        }
+        _ => batch.join(","),
+    }
+}
+
 /// What an owed rollback was sent for: the host's session and its reported
 /// (release, phase) at the time.
 type OwedSent = (u64, String, i32);
@@ -736,43 +790,9 @@ impl Engine {
     async fn check_halt(&self, id: &str, why: Option<String>) -> Result<bool, EngineError> {
         let mut halted = false;
         self.update(id, |r| {
-            if r.state.is_terminal() || r.state == RolloutState::RollingBack {
-                return Ok(vec![]);
-            }
-            let host_rollback_limit = r
-                .strategy
-                .max_host_rollbacks
-                .as_ref()
-                .map(|c| c.resolve_floor(r.hosts.len()));
-            let reason = why.clone().or_else(|| {
-                planner::budget_exceeded(r.failures(), r.failure_budget).then(|| {
-                    format!(
-                        "failure budget exceeded: {} hosts failed, budget {}",
-                        r.failures(),
-                        r.failure_budget
-                    )
-                })
-            }).or_else(|| {
-                let limit = host_rollback_limit?;
-                (r.host_rollbacks() > limit).then(|| {
-                    format!(
-                        "host rollbacks exceeded: {} hosts rolled the release back on their own, limit {limit}",
-                        r.host_rollbacks()
-                    )
-                })
-            });
-            let Some(reason) = reason else {
-                return Ok(vec![]);
-            };
-            halted = true;
-            r.state = if r.strategy.auto_rollback {
-                RolloutState::RollingBack
-            } else {
-                RolloutState::Failed
-            };
-            r.message = reason.clone();
-            warn!(rollout = %r.id, reason = %reason, "rollout halted");
-            Ok(vec![ev(None, "halted", reason)])
+            let e = halt(r, why);
+            halted = e.is_some();
+            Ok(e.into_iter().collect())
         })
         .await?;
         Ok(halted)
@@ -905,11 +925,6 @@ impl Engine {
                 () = self.cancel.cancelled() => return Ok(()),
             }
         }
-        self.update(&r.id, |r| {
-            r.message = format!("batch {i}: activating {}", batch.join(","));
-            Ok(vec![ev(None, "batch_started", r.message.clone())])
-        })
-        .await?;
         let batch_started = std::time::Instant::now();
         let (activate_timeout, _) = Self::def_timeouts(r);
         let work: Vec<String> = batch
@@ -922,10 +937,10 @@ impl Engine {
             })
             .cloned()
             .collect();
-        // The hosts ready at once (staged and connected) are journaled
-        // `activating` in one write before any Activate leaves; the others
-        // (to be staged again, offline, or journaled before a restart) go
-        // one by one.
+        // The batch starts, and the hosts ready at once (staged and
+        // connected) are journaled `activating`, in one write before any
+        // Activate leaves; the others (to be staged again, offline, or
+        // journaled before a restart) go one by one.
         let ready: BTreeSet<String> = work
             .iter()
             .filter(|h| {
@@ -934,7 +949,7 @@ impl Engine {
             })
             .cloned()
             .collect();
-        if !ready.is_empty() {
+        {
             let before: BTreeMap<String, Option<String>> = ready
                 .iter()
                 .map(|h| {
@@ -947,7 +962,8 @@ impl Engine {
                 })
                 .collect();
             self.update(&r.id, |r| {
-                let mut events = Vec::new();
+                r.message = format!("batch {i}: activating {}", hosts_in_brief(&batch));
+                let mut events = vec![ev(None, "batch_started", r.message.clone())];
                 for (h, prev) in &before {
                     if let Some(p) = r.hosts.get_mut(h) {
                         p.state = HostState::Activating;
@@ -1039,6 +1055,8 @@ impl Engine {
                 .collect(),
             )
             .await;
+        // The commits' results, then the batch's end (or the rollout's halt,
+        // when they put it past its budget), in one write.
         self.update(&r.id, |r| {
             let mut events = Vec::new();
             for (h, res) in results {
@@ -1084,19 +1102,16 @@ impl Engine {
                     }
                 }
             }
-            Ok(events)
-        })
-        .await?;
-        if self.check_halt(&r.id, None).await? {
-            return Ok(());
-        }
-        self.update(&r.id, |r| {
+            if let Some(e) = halt(r, None) {
+                events.push(e);
+                return Ok(events);
+            }
             if r.current_batch != i {
-                return Ok(vec![]);
+                return Ok(events);
             }
             r.current_batch = i + 1;
             self.fleet.metrics().observe_batch(batch_started.elapsed());
-            let mut events = vec![ev(None, "batch_done", format!("batch {i} done"))];
+            events.push(ev(None, "batch_done", format!("batch {i} done")));
             if r.current_batch < r.batches.len() && r.pause_points.contains(&i) {
                 if r.state == RolloutState::Running {
                     r.state = RolloutState::WaitingPromote;

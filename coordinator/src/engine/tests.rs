@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Engine;
 use super::model::{Event, Failure, HostProgress, HostState, Rollout, RolloutState, now_ms};
+use super::{Engine, hosts_in_brief};
 use crate::artifacts::Artifacts;
 use crate::fleet::Fleet;
 use crate::rollout::planner;
@@ -156,6 +156,9 @@ struct Sim {
     /// The stream drops when a Commit arrives, before the agent acts on it,
     /// and the agent reconnects shortly after; once.
     blip_on_commit: AtomicBool,
+    /// The release turns unhealthy in probation: the agent rolls back on its
+    /// own when the Commit arrives, and refuses it.
+    fail_in_probation: AtomicBool,
     /// RSS the service reports once activated (0: none).
     rss_on_activate: AtomicU64,
     /// This many Stage commands fail as a cut artifact download would:
@@ -280,6 +283,22 @@ impl Sim {
                     }
                     ok
                 }
+            }
+            Cmd::Commit(c) if self.fail_in_probation.load(Ordering::SeqCst) => {
+                self.with(|me, s| {
+                    if s.current_release == c.release {
+                        me.history(s, &c.release, "rolling_back", "");
+                        s.current_release = s.last_known_good.clone();
+                        let back = s.current_release.clone();
+                        me.history(s, &back, "rolled_back", "");
+                        s.phase = pb::Phase::Idle as i32;
+                    }
+                });
+                Some((
+                    false,
+                    pb::FailureKind::Invalid,
+                    format!("{} is not in probation", c.release),
+                ))
             }
             Cmd::Commit(c) => {
                 let mut done = false;
@@ -799,6 +818,123 @@ async fn a_batch_journals_its_activation_results_with_one_fsync() {
         at[first_commit] - at[last_activate],
         1,
         "fsyncs between the last Activate and the first Commit: {at:?} {log:?}"
+    );
+}
+
+/// The batch-started message (written with the rollout's head, once per
+/// host result) names a batch in full up to ten hosts, else in brief.
+#[test]
+fn a_large_batch_is_named_in_brief() {
+    let hosts = |n: usize| (1..=n).map(host).collect::<Vec<_>>();
+    assert_eq!(hosts_in_brief(&hosts(1)), "host-1");
+    assert_eq!(hosts_in_brief(&hosts(2)), "host-1,host-2");
+    assert_eq!(hosts_in_brief(&hosts(10)).split(',').count(), 10);
+    assert_eq!(hosts_in_brief(&hosts(100)), "100 hosts, host-1 … host-100");
+}
+
+/// A healthy batch takes three fsyncs: its start with its hosts
+/// `activating`, their results, their commits with the batch's end. Between
+/// the last Commit of a batch and the first Activate of the next there are
+/// two, not one per event kind.
+#[tokio::test(flavor = "multi_thread")]
+async fn consecutive_batches_are_joined_by_two_fsyncs() {
+    let h = Harness::new(4).await;
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert_eq!(r.batches.len(), 2);
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+    let log = h.sent();
+    let at = h.log.flushes_at.lock().expect("log").clone();
+    let second: Vec<String> = r.batches[1].clone();
+    let last_commit_0 = log
+        .iter()
+        .rposition(|s| s.kind == "commit" && !second.contains(&s.host))
+        .expect("commits of batch 0");
+    let first_activate_1 = log
+        .iter()
+        .position(|s| s.kind == "activate" && second.contains(&s.host))
+        .expect("activations of batch 1");
+    assert!(last_commit_0 < first_activate_1, "{log:?}");
+    assert_eq!(
+        at[first_activate_1] - at[last_commit_0],
+        2,
+        "fsyncs between batch 0's last Commit and batch 1's first Activate: {at:?} {log:?}"
+    );
+    // The batch's end follows its commits, and the next batch starts with its
+    // hosts activating, in that order in the journal.
+    let kinds: Vec<(String, Option<String>)> = h
+        .store
+        .events(&r.id)
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.kind, e.host))
+        .collect();
+    let pos = |kind: &str, host: Option<&str>| {
+        kinds
+            .iter()
+            .position(|(k, hh)| k == kind && hh.as_deref() == host)
+            .unwrap_or_else(|| panic!("no {kind} {host:?} in {kinds:?}"))
+    };
+    let done_0 = pos("batch_done", None);
+    for hh in &r.batches[0] {
+        assert!(pos("committed", Some(hh)) < done_0, "{kinds:?}");
+    }
+    let started: Vec<usize> = kinds
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "batch_started")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(started.len(), 2, "{kinds:?}");
+    assert!(done_0 < started[1], "{kinds:?}");
+    for hh in &second {
+        assert!(started[1] < pos("activating", Some(hh)), "{kinds:?}");
+    }
+}
+
+/// Commits refused by hosts that rolled back in probation put the rollout
+/// past its budget: it halts in the same write, the batch is not recorded
+/// done and the next batch never starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_commits_past_the_budget_halt_before_the_batch_ends() {
+    let h = Harness::new(4).await;
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert_eq!(r.failure_budget, 1);
+    for hh in &r.batches[0] {
+        h.sim(hh).fail_in_probation.store(true, Ordering::SeqCst);
+    }
+    let r = h.wait_state(&r.id, RolloutState::RolledBack).await;
+    for hh in &r.batches[0] {
+        let p = &r.hosts[hh];
+        assert_eq!(
+            (p.state, p.failure),
+            (HostState::Failed, Some(Failure::RolledBackByHost)),
+            "{}",
+            h.dump(&r)
+        );
+    }
+    for hh in &r.batches[1] {
+        assert_eq!(h.count(hh, "activate"), 0, "{:?}", h.sent());
+    }
+    let kinds: Vec<String> = h
+        .store
+        .events(&r.id)
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&"halted".to_string()), "{kinds:?}");
+    assert!(!kinds.contains(&"batch_done".to_string()), "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "batch_started").count(),
+        1,
+        "{kinds:?}"
     );
 }
 
