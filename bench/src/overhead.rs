@@ -117,30 +117,39 @@ struct Phases {
     done_ms: f64,
 }
 
-/// [`Phases`] of one rollout's events, `(at_ms, host, kind)` in order;
-/// `work[i]` is batch i's slowest restart + bake. Batches whose events are
-/// missing one of the four marks are left out.
-fn phases(events: &[(i64, String, String)], starts: &[f64], dones: &[f64], work: &[f64]) -> Phases {
+/// [`Phases`] of one rollout's events, `(at_ms, host, kind)` in the
+/// journal's order; `work[i]` is batch i's slowest restart + bake. A batch
+/// is the events between its `batch_started` and its `batch_done` in that
+/// order (not by timestamp: one batch's end and the next one's start can
+/// share a millisecond). Batches missing one of the marks are left out.
+fn phases(events: &[(i64, String, String)], work: &[f64]) -> Phases {
     let mut sum = Phases::default();
     let mut counted = 0usize;
-    for (i, (&start, &done)) in starts.iter().zip(dones).enumerate() {
-        let last = |kind: &str| {
-            events
-                .iter()
-                .filter(|e| e.2 == kind && (e.0 as f64) >= start && (e.0 as f64) <= done)
-                .map(|e| e.0 as f64)
-                .reduce(f64::max)
-        };
-        let (Some(act), Some(prob), Some(com)) =
-            (last("activating"), last("probation"), last("committed"))
-        else {
-            continue;
-        };
-        sum.journal_start_ms += act - start;
-        sum.activate_ms += prob - act - work.get(i).copied().unwrap_or(0.0);
-        sum.commit_ms += com - prob;
-        sum.done_ms += done - com;
-        counted += 1;
+    let mut batch = 0usize;
+    // The open batch's start and its last activating, probation, committed.
+    let mut open: Option<(f64, [Option<f64>; 3])> = None;
+    for (at, _, kind) in events {
+        let at = *at as f64;
+        match (kind.as_str(), open.as_mut()) {
+            ("batch_started", _) => open = Some((at, [None; 3])),
+            ("activating", Some((_, m))) => m[0] = Some(at),
+            ("probation", Some((_, m))) => m[1] = Some(at),
+            ("committed", Some((_, m))) => m[2] = Some(at),
+            ("batch_done", Some(&mut (start, [Some(act), Some(prob), Some(com)]))) => {
+                sum.journal_start_ms += act - start;
+                sum.activate_ms += prob - act - work.get(batch).copied().unwrap_or(0.0);
+                sum.commit_ms += com - prob;
+                sum.done_ms += at - com;
+                counted += 1;
+                open = None;
+                batch += 1;
+            }
+            ("batch_done", _) => {
+                open = None;
+                batch += 1;
+            }
+            _ => {}
+        }
     }
     let k = counted.max(1) as f64;
     Phases {
@@ -483,15 +492,17 @@ async fn measure(
             dones.len()
         );
     }
-    // Which batch each host was activated in: its `activating` event falls
-    // between that batch's start and done.
+    // Which batch each host was activated in: the last `batch_started`
+    // before its `activating` event in the journal's order.
     let mut batch_of: HashMap<String, usize> = HashMap::new();
-    for (at, host, kind) in &events {
-        if kind == "activating" {
-            let at = *at as f64;
-            if let Some(i) = starts.iter().rposition(|s| *s <= at) {
-                batch_of.insert(host.clone(), i);
+    let mut started = 0usize;
+    for (_, host, kind) in &events {
+        match kind.as_str() {
+            "batch_started" => started += 1,
+            "activating" if started > 0 => {
+                batch_of.insert(host.clone(), started - 1);
             }
+            _ => {}
         }
     }
     // Host-side restart + bake per host: its own `activating` → `verified`
@@ -537,7 +548,7 @@ async fn measure(
         batches: nb,
         in_batch_ms: in_batch / nb as f64,
         gap_ms: gaps / nb as f64,
-        phases: phases(&events, &starts, &dones, &slowest),
+        phases: phases(&events, &slowest),
         coord_cpu: 0.0,
     })
 }
@@ -563,21 +574,18 @@ mod tests {
             ev(1125, "a", "committed"),
             ev(1130, "b", "committed"),
             ev(1133, "", "batch_done"),
-            ev(1135, "", "batch_started"),
-            ev(1139, "c", "activating"),
+            // The next batch starts, its host activating, in the same
+            // millisecond.
+            ev(1133, "", "batch_started"),
+            ev(1133, "c", "activating"),
             ev(1250, "c", "probation"),
             ev(1260, "c", "committed"),
             ev(1261, "", "batch_done"),
         ];
-        let p = phases(
-            &events,
-            &[1000.0, 1135.0],
-            &[1133.0, 1261.0],
-            &[100.0, 100.0],
-        );
-        // Batch 0: 2, 18, 10, 3; batch 1: 4, 11, 10, 1.
-        assert_eq!(p.journal_start_ms, 3.0);
-        assert_eq!(p.activate_ms, 14.5);
+        let p = phases(&events, &[100.0, 100.0]);
+        // Batch 0: 2, 18, 10, 3; batch 1: 0, 17, 10, 1.
+        assert_eq!(p.journal_start_ms, 1.0);
+        assert_eq!(p.activate_ms, 17.5);
         assert_eq!(p.commit_ms, 10.0);
         assert_eq!(p.done_ms, 2.0);
     }
