@@ -949,36 +949,34 @@ impl Engine {
             })
             .cloned()
             .collect();
-        {
-            let before: BTreeMap<String, Option<String>> = ready
-                .iter()
-                .map(|h| {
-                    let cur = self
-                        .fleet
-                        .service(h, &r.service)
-                        .map(|s| s.current_release)
-                        .filter(|s| !s.is_empty());
-                    (h.clone(), cur)
-                })
-                .collect();
-            self.update(&r.id, |r| {
-                r.message = format!("batch {i}: activating {}", hosts_in_brief(&batch));
-                let mut events = vec![ev(None, "batch_started", r.message.clone())];
-                for (h, prev) in &before {
-                    if let Some(p) = r.hosts.get_mut(h) {
-                        p.state = HostState::Activating;
-                        p.previous_release = prev.clone();
-                        events.push(ev(
-                            Some(h),
-                            "activating",
-                            format!("from {}", prev.clone().unwrap_or_default()),
-                        ));
-                    }
-                }
-                Ok(events)
+        let before: BTreeMap<String, Option<String>> = ready
+            .iter()
+            .map(|h| {
+                let cur = self
+                    .fleet
+                    .service(h, &r.service)
+                    .map(|s| s.current_release)
+                    .filter(|s| !s.is_empty());
+                (h.clone(), cur)
             })
-            .await?;
-        }
+            .collect();
+        self.update(&r.id, |r| {
+            r.message = format!("batch {i}: activating {}", hosts_in_brief(&batch));
+            let mut events = vec![ev(None, "batch_started", r.message.clone())];
+            for (h, prev) in &before {
+                if let Some(p) = r.hosts.get_mut(h) {
+                    p.state = HostState::Activating;
+                    p.previous_release = prev.clone();
+                    events.push(ev(
+                        Some(h),
+                        "activating",
+                        format!("from {}", prev.clone().unwrap_or_default()),
+                    ));
+                }
+            }
+            Ok(events)
+        })
+        .await?;
         let n = work.len().max(1);
         // The batch's hosts are driven by this one task: outside tokio's
         // cooperative budget, or a large batch's sends and results would be
