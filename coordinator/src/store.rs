@@ -74,9 +74,12 @@ pub const CRASH_POINTS: &[&str] = &[
     "batch_started",
     // A host journaled activating, before its Activate is sent.
     "host_activating",
-    // A host's Activate answered: verified, in probation.
+    // A host's Activate answered: verified, in probation. Written unflushed,
+    // made durable with the batch's end or, when the rollout goes straight
+    // on, with the next batch's start.
     "host_probation",
-    // The batch's commits' results and its end, in one write.
+    // The batch's commits' results and its end, in one write (durable as
+    // the results above).
     "host_committed",
     "batch_done",
     "succeeded",
@@ -367,6 +370,13 @@ impl Store {
     /// How many fsyncs [`Store::flush`] has done.
     pub fn flushes(&self) -> u64 {
         self.group.fsyncs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many rollout writes no completed [`Store::flush`] covers yet.
+    pub fn not_durable(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let durable = self.group.durable.load(SeqCst);
+        self.group.written.load(SeqCst).saturating_sub(durable)
     }
 
     /// One rollout.

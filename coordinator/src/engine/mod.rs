@@ -232,6 +232,14 @@ struct Written {
     release: String,
 }
 
+/// Writes made (visible in the cache) and not yet durable, logged or
+/// announced: for a later [`Engine::publish`], before anything acts on them.
+type Deferred = std::sync::Mutex<Vec<Written>>;
+
+fn take(d: &Deferred) -> Vec<Written> {
+    std::mem::take(&mut *d.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
 fn ev(host: Option<&str>, kind: &str, message: impl Into<String>) -> Event {
     Event {
         seq: 0,
@@ -371,12 +379,20 @@ impl Engine {
         id: &str,
         f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
     ) -> Result<(), EngineError> {
-        let written = std::sync::Mutex::new(Vec::new());
-        self.update_deferred(id, &written, f).await?;
-        let written = written
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.publish(id, written).await
+        self.update_with(id, &Deferred::default(), f).await
+    }
+
+    /// As [`Engine::update`], and makes `deferred`'s writes (made before
+    /// this one) durable, logged and announced with it.
+    async fn update_with(
+        &self,
+        id: &str,
+        deferred: &Deferred,
+        f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
+    ) -> Result<(), EngineError> {
+        let res = self.update_deferred(id, deferred, f).await;
+        self.publish(id, take(deferred)).await?;
+        res
     }
 
     /// As [`Engine::update`], but the change is only written (visible in
@@ -386,7 +402,7 @@ impl Engine {
     async fn update_deferred(
         &self,
         id: &str,
-        deferred: &std::sync::Mutex<Vec<Written>>,
+        deferred: &Deferred,
         f: impl FnOnce(&mut Rollout) -> Result<Vec<Event>, EngineError>,
     ) -> Result<(), EngineError> {
         let lock = self.lock_for(id);
@@ -730,6 +746,18 @@ impl Engine {
     // ---- the watcher ----
 
     async fn drive(self: Arc<Self>, id: String) {
+        // A batch's end, left to be made durable by the next batch's start
+        // (see `run_batch`); made durable here when the rollout does not go
+        // straight on.
+        let carried = Deferred::default();
+        self.drive_steps(&id, &carried).await;
+        if let Err(e) = self.publish(&id, take(&carried)).await {
+            warn!(rollout = %id, error = %e, "watcher cannot make its last writes durable");
+        }
+    }
+
+    async fn drive_steps(&self, id: &str, carried: &Deferred) {
+        let id = id.to_string();
         let mut changes = self.changes.subscribe();
         loop {
             if self.cancel.is_cancelled() {
@@ -742,9 +770,14 @@ impl Engine {
                     return;
                 }
             };
+            if r.state != RolloutState::Running
+                && let Err(e) = self.publish(&id, take(carried)).await
+            {
+                warn!(rollout = %id, error = %e, "cannot make the batch's end durable");
+            }
             let step = match r.state {
                 RolloutState::Staging => self.stage_all(&r).await,
-                RolloutState::Running => self.run_batch(&r).await,
+                RolloutState::Running => self.run_batch(&r, carried).await,
                 RolloutState::RollingBack => self.rollback_all(&r).await,
                 RolloutState::Paused | RolloutState::WaitingPromote => {
                     // Wait for an operator's change to this rollout.
@@ -765,6 +798,9 @@ impl Engine {
             };
             if let Err(e) = step {
                 warn!(rollout = %id, error = %e, "rollout step failed; retrying");
+                if let Err(e) = self.publish(&id, take(carried)).await {
+                    warn!(rollout = %id, error = %e, "cannot make the step's writes durable");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = self.cancel.cancelled() => return,
@@ -788,13 +824,28 @@ impl Engine {
 
     /// Halts past the budget or deadline; returns whether it did.
     async fn check_halt(&self, id: &str, why: Option<String>) -> Result<bool, EngineError> {
+        self.check_halt_after(id, why, &Deferred::default()).await
+    }
+
+    /// As [`Engine::check_halt`]; a halt also makes `deferred`'s writes
+    /// durable (it acts on them: the fleet rollback follows). Without a halt
+    /// nothing is written and `deferred` is left as it is.
+    async fn check_halt_after(
+        &self,
+        id: &str,
+        why: Option<String>,
+        deferred: &Deferred,
+    ) -> Result<bool, EngineError> {
         let mut halted = false;
-        self.update(id, |r| {
+        self.update_deferred(id, deferred, |r| {
             let e = halt(r, why);
             halted = e.is_some();
             Ok(e.into_iter().collect())
         })
         .await?;
+        if halted {
+            self.publish(id, take(deferred)).await?;
+        }
         Ok(halted)
     }
 
@@ -859,10 +910,14 @@ impl Engine {
         Ok(())
     }
 
-    async fn run_batch(&self, r: &Rollout) -> Result<(), EngineError> {
+    /// Runs batch `r.current_batch`. `carried` holds writes not yet durable:
+    /// the previous batch's end on the way in, made durable with this
+    /// batch's start; this batch's end on the way out, when the rollout goes
+    /// straight on to the next batch.
+    async fn run_batch(&self, r: &Rollout, carried: &Deferred) -> Result<(), EngineError> {
         let i = r.current_batch;
         if i >= r.batches.len() {
-            self.update(&r.id, |r| {
+            self.update_with(&r.id, carried, |r| {
                 r.state = RolloutState::Succeeded;
                 r.message = format!(
                     "succeeded: {} of {} hosts on {}",
@@ -879,9 +934,10 @@ impl Engine {
             return Ok(());
         }
         if Self::past_deadline(r) {
-            self.check_halt(
+            self.check_halt_after(
                 &r.id,
                 Some(format!("progress_deadline passed during batch {i}")),
+                carried,
             )
             .await?;
             return Ok(());
@@ -910,16 +966,19 @@ impl Engine {
                 break;
             }
             if Self::past_deadline(r) {
-                self.check_halt(
+                self.check_halt_after(
                     &r.id,
                     Some(format!(
                         "progress_deadline passed waiting for unavailable hosts ({}) before batch {i}",
                         down.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(",")
                     )),
+                    carried,
                 )
                 .await?;
                 return Ok(());
             }
+            // The previous batch's end is durable while this one waits.
+            self.publish(&r.id, take(carried)).await?;
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}
                 () = self.cancel.cancelled() => return Ok(()),
@@ -960,7 +1019,7 @@ impl Engine {
                 (h.clone(), cur)
             })
             .collect();
-        self.update(&r.id, |r| {
+        self.update_with(&r.id, carried, |r| {
             r.message = format!("batch {i}: activating {}", hosts_in_brief(&batch));
             let mut events = vec![ev(None, "batch_started", r.message.clone())];
             for (h, prev) in &before {
@@ -983,18 +1042,16 @@ impl Engine {
         // spread over many polls of every pending host (each yielding at once
         // once the task's 128 operations per poll are spent).
         // The results of the hosts journaled above are written as they come
-        // and made durable together once every Activate has returned:
-        // nothing acts on them before (the commits come after), and a
-        // coordinator stopped in between finds those hosts `activating` and
-        // asks them, as for any restart during a batch.
-        let deferred = std::sync::Mutex::new(Vec::new());
-        let deferred_ref = &deferred;
+        // and made durable with the batch's end (or a halt, or the resource
+        // gate's first rollback): a coordinator stopped before finds those
+        // hosts `activating` and asks them, as for any restart during a
+        // batch, and a host it committed answers that it is committed.
         let activated = tokio::task::unconstrained(
             futures::stream::iter(work.into_iter().map(|h| {
                 let journaled = ready.contains(&h);
                 async move {
                     if journaled {
-                        self.send_activate(r, h, activate_timeout, Some(deferred_ref))
+                        self.send_activate(r, h, activate_timeout, Some(carried))
                             .await
                     } else {
                         self.activate_host(r, h, activate_timeout).await
@@ -1005,20 +1062,16 @@ impl Engine {
             .collect::<Vec<_>>(),
         )
         .await;
-        let written = deferred
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.publish(&r.id, written).await?;
         activated
             .into_iter()
             .collect::<Result<Vec<()>, EngineError>>()?;
-        if self.check_halt(&r.id, None).await? {
+        if self.check_halt_after(&r.id, None, carried).await? {
             return Ok(());
         }
         // The coordinator's own look at the batch: every host in probation
         // must report its service under the definition's resource ceilings.
-        self.resource_gate(r, &batch).await?;
-        if self.check_halt(&r.id, None).await? {
+        self.resource_gate(r, &batch, carried).await?;
+        if self.check_halt_after(&r.id, None, carried).await? {
             return Ok(());
         }
         // The batch's gate passed on every surviving host: commit them.
@@ -1055,7 +1108,8 @@ impl Engine {
             .await;
         // The commits' results, then the batch's end (or the rollout's halt,
         // when they put it past its budget), in one write.
-        self.update(&r.id, |r| {
+        let mut straight_on = false;
+        self.update_deferred(&r.id, carried, |r| {
             let mut events = Vec::new();
             for (h, res) in results {
                 let Some(p) = r.hosts.get_mut(&h) else {
@@ -1122,16 +1176,30 @@ impl Engine {
                 );
                 events.push(ev(None, "waiting_promote", r.message.clone()));
             }
+            straight_on = r.state == RolloutState::Running;
             Ok(events)
         })
         .await?;
+        // Going straight on, the batch's end is made durable by the next
+        // batch's start, the one write that must precede its Activates
+        // (nothing acts on this one before: a coordinator stopped in between
+        // asks this batch's hosts again and finds them committed). Otherwise
+        // (a halt, a pause, a canary stage's end) it is made durable now.
+        if !straight_on {
+            self.publish(&r.id, take(carried)).await?;
+        }
         Ok(())
     }
 
     /// Checks the latest reports of the batch's hosts in probation against
     /// the definition's absolute ceilings; a host over one is failed as
     /// `resource_regression` (with the numbers) and rolled back.
-    async fn resource_gate(&self, r: &Rollout, batch: &[String]) -> Result<(), EngineError> {
+    async fn resource_gate(
+        &self,
+        r: &Rollout,
+        batch: &[String],
+        deferred: &Deferred,
+    ) -> Result<(), EngineError> {
         let t = r.definition().thresholds.unwrap_or_default();
         if t.max_rss_bytes == 0 && t.max_cpu_percent <= 0.0 {
             return Ok(());
@@ -1171,6 +1239,8 @@ impl Engine {
             };
             let Some(reason) = over else { continue };
             warn!(rollout = %r.id, host = %h, reason = %reason, "resource gate failed");
+            // The host's verified result is durable before it is rolled back.
+            self.publish(&r.id, take(deferred)).await?;
             let prev = current
                 .hosts
                 .get(h)
@@ -1387,7 +1457,7 @@ impl Engine {
         r: &Rollout,
         host: String,
         timeout: Duration,
-        deferred: Option<&std::sync::Mutex<Vec<Written>>>,
+        deferred: Option<&Deferred>,
     ) -> Result<(), EngineError> {
         let cmd = Cmd::Activate(pb::Activate {
             service: r.service.clone(),

@@ -586,6 +586,20 @@ impl Harness {
         }
     }
 
+    /// Polls until every rollout write is durable (a completed fsync
+    /// covers it).
+    async fn wait_durable(&self, what: &str) {
+        let end = Instant::now() + PATIENCE;
+        while self.store.not_durable() > 0 {
+            assert!(
+                Instant::now() < end,
+                "{} rollout writes still not durable {what}",
+                self.store.not_durable()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Polls until the rollout is in `state`; fails at once on another
     /// terminal state.
     async fn wait_state(&self, id: &str, state: RolloutState) -> Rollout {
@@ -790,10 +804,12 @@ async fn deploy_updates_every_host_once_in_batch_order() {
     }
 }
 
-/// The Activate results of a batch are made durable by one fsync once all
-/// have returned, before any Commit leaves (not one fsync or more per host).
+/// A batch's results are not flushed before its Commits leave: they are
+/// made durable with its end, which, the rollout going straight on, the
+/// rollout's next write (here its success) makes durable. A one-batch
+/// rollout takes one fsync from its first Activate to its end.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_journals_its_activation_results_with_one_fsync() {
+async fn a_batch_s_results_are_made_durable_with_its_end() {
     let h = Harness::new(8).await;
     let engine = h.engine();
     let spec = SPEC_BATCH2
@@ -803,8 +819,13 @@ async fn a_batch_journals_its_activation_results_with_one_fsync() {
     assert_eq!(r.batches.len(), 1);
     let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
     assert_all_committed_once(&h, &r);
+    h.wait_durable("after the rollout succeeded").await;
     let log = h.sent();
     let at = h.log.flushes_at.lock().expect("log").clone();
+    let first_activate = log
+        .iter()
+        .position(|s| s.kind == "activate")
+        .expect("activations");
     let last_activate = log
         .iter()
         .rposition(|s| s.kind == "activate")
@@ -815,9 +836,13 @@ async fn a_batch_journals_its_activation_results_with_one_fsync() {
         .expect("commits");
     assert!(last_activate < first_commit, "{log:?}");
     assert_eq!(
-        at[first_commit] - at[last_activate],
-        1,
+        at[first_commit], at[last_activate],
         "fsyncs between the last Activate and the first Commit: {at:?} {log:?}"
+    );
+    assert_eq!(
+        h.store.flushes() - at[first_activate],
+        1,
+        "fsyncs from the first Activate to the end: {at:?} {log:?}"
     );
 }
 
@@ -832,12 +857,12 @@ fn a_large_batch_is_named_in_brief() {
     assert_eq!(hosts_in_brief(&hosts(100)), "100 hosts, host-1 … host-100");
 }
 
-/// A healthy batch takes three fsyncs: its start with its hosts
-/// `activating`, their results, their commits with the batch's end. Between
-/// the last Commit of a batch and the first Activate of the next there are
-/// two, not one per event kind.
+/// A healthy batch takes one fsync: its start with its hosts `activating`,
+/// which also makes the previous batch's results and end durable. Between
+/// the first Activates of consecutive batches there is one, not one per
+/// event kind.
 #[tokio::test(flavor = "multi_thread")]
-async fn consecutive_batches_are_joined_by_two_fsyncs() {
+async fn consecutive_batches_are_joined_by_one_fsync() {
     let h = Harness::new(4).await;
     let engine = h.engine();
     let r = engine
@@ -853,15 +878,19 @@ async fn consecutive_batches_are_joined_by_two_fsyncs() {
         .iter()
         .rposition(|s| s.kind == "commit" && !second.contains(&s.host))
         .expect("commits of batch 0");
+    let first_activate_0 = log
+        .iter()
+        .position(|s| s.kind == "activate")
+        .expect("activations of batch 0");
     let first_activate_1 = log
         .iter()
         .position(|s| s.kind == "activate" && second.contains(&s.host))
         .expect("activations of batch 1");
     assert!(last_commit_0 < first_activate_1, "{log:?}");
     assert_eq!(
-        at[first_activate_1] - at[last_commit_0],
-        2,
-        "fsyncs between batch 0's last Commit and batch 1's first Activate: {at:?} {log:?}"
+        at[first_activate_1] - at[first_activate_0],
+        1,
+        "fsyncs between batch 0's first Activate and batch 1's: {at:?} {log:?}"
     );
     // The batch's end follows its commits, and the next batch starts with its
     // hosts activating, in that order in the journal.
@@ -893,6 +922,36 @@ async fn consecutive_batches_are_joined_by_two_fsyncs() {
     for hh in &second {
         assert!(started[1] < pos("activating", Some(hh)), "{kinds:?}");
     }
+}
+
+/// A batch waiting for earlier hosts to be available again does not leave
+/// the previous batch's end waiting for its start: it is durable while the
+/// batch waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_s_end_is_durable_while_the_next_waits_at_the_gate() {
+    let h = Harness::new(4).await;
+    for i in 1..=4 {
+        h.set(&host(i), |_, s| s.health = pb::Health::Unhealthy as i32);
+    }
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert_eq!(r.batches.len(), 2);
+    // Batch 0's hosts report unhealthy after their commit: batch 1 (two
+    // more) would put four hosts out, over max_unavailable (2).
+    let r = h
+        .wait_until(&r.id, "batch 0 done", |r| r.current_batch == 1)
+        .await;
+    h.wait_durable("while batch 1 waits at the gate").await;
+    for hh in &r.batches[1] {
+        assert_eq!(h.count(hh, "activate"), 0, "{}", h.dump(&r));
+    }
+    for hh in &r.batches[0] {
+        h.set(hh, |_, s| s.health = pb::Health::Healthy as i32);
+    }
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
 }
 
 /// Commits refused by hosts that rolled back in probation put the rollout
@@ -1589,6 +1648,8 @@ async fn canary_waits_for_promote() {
         .expect("deploy");
     let r = h.wait_state(&r.id, RolloutState::WaitingPromote).await;
     assert_eq!(r.hosts[&host(1)].state, HostState::Committed);
+    // The batch's end is not left for a next batch's start.
+    h.wait_durable("waiting for promote").await;
     h.assert_quiet("waiting for promote").await;
     for i in 2..=5 {
         assert_eq!(h.count(&host(i), "activate"), 0, "{}", h.dump(&r));
