@@ -126,6 +126,9 @@ pub struct Store {
     db: sled::Db,
     crash_at: Option<String>,
     group: std::sync::Arc<GroupFlush>,
+    /// Each rollout's last event number, once written by this process (the
+    /// store is its only writer), so a write does not look it up.
+    last_event: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// Group commit for [`Store::flush`]: one fsync at a time, each covering
@@ -159,6 +162,7 @@ impl Store {
             db,
             crash_at: None,
             group: Default::default(),
+            last_event: Default::default(),
         })
     }
 
@@ -306,18 +310,15 @@ impl Store {
             }
         }
         let prefix = format!("event/{}/", r.id);
-        let mut seq = match self.db.scan_prefix(prefix.as_bytes()).next_back() {
-            None => 0,
-            Some(kv) => {
-                let (k, _) = kv.map_err(backend("read the last event"))?;
-                k.get(prefix.len()..)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                        message: "an event key must end in a 64-bit sequence number".into(),
-                    })?
-            }
+        // Held to the end: two writes of one rollout never take one number.
+        let mut last_event = self
+            .last_event
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = last_event.get(&r.id).copied();
+        let mut seq = match known {
+            Some(seq) => seq,
+            None => self.last_stored_event(&prefix)?,
         };
         for e in events {
             seq += 1;
@@ -330,10 +331,35 @@ impl Store {
         self.db
             .apply_batch(batch)
             .map_err(backend("write rollout"))?;
+        // A finished rollout is rarely written again: its number is read
+        // from the store then.
+        if r.state.is_terminal() {
+            last_event.remove(&r.id);
+        } else {
+            last_event.insert(r.id.clone(), seq);
+        }
+        drop(last_event);
         self.group
             .written
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The number of the last event stored under `prefix` (0: none).
+    fn last_stored_event(&self, prefix: &str) -> Result<u64, StoreError> {
+        Ok(match self.db.scan_prefix(prefix.as_bytes()).next_back() {
+            None => 0,
+            Some(kv) => {
+                let (k, _) = kv.map_err(backend("read the last event"))?;
+                k.get(prefix.len()..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: "an event key must end in a 64-bit sequence number".into(),
+                    })?
+            }
+        })
     }
 
     /// Makes every write so far durable, then honours an armed crash point
@@ -736,5 +762,93 @@ mod join_tests {
         rev.admitted_serials.push("ab".into());
         store.save_revocation(&rev).expect("admit");
         assert_eq!(store.revocations().expect("list"), vec![rev]);
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+    use crate::engine::model::RolloutState;
+
+    fn rollout(id: &str) -> Rollout {
+        Rollout {
+            id: id.to_string(),
+            service: "web".into(),
+            release: "v2".into(),
+            definition: Default::default(),
+            strategy: Default::default(),
+            batches: Default::default(),
+            pause_points: Default::default(),
+            state: RolloutState::Running,
+            resume_state: None,
+            current_batch: 0,
+            aborted: false,
+            hosts: Default::default(),
+            failure_budget: 0,
+            message: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn events(n: usize) -> Vec<Event> {
+        (0..n)
+            .map(|i| Event {
+                seq: 0,
+                at_ms: 0,
+                host: None,
+                kind: format!("k{i}"),
+                message: String::new(),
+            })
+            .collect()
+    }
+
+    fn seqs(store: &Store, id: &str) -> Vec<u64> {
+        store
+            .events(id)
+            .expect("events")
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    /// Each rollout numbers its events 1, 2, 3, ... across its writes,
+    /// another rollout's writes in between, its end, and a reopen of the
+    /// store (where the last number is read back from the store).
+    #[test]
+    fn event_numbers_follow_on_across_writes_rollouts_and_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let mut a = rollout("r-a");
+            let mut b = rollout("r-b");
+            store
+                .write_rollout(&mut a, HostsToWrite::All, &events(2))
+                .expect("write a");
+            store
+                .write_rollout(&mut b, HostsToWrite::All, &events(1))
+                .expect("write b");
+            store
+                .write_rollout(&mut a, HostsToWrite::Only(&[]), &events(3))
+                .expect("write a again");
+            a.state = RolloutState::Succeeded;
+            store
+                .write_rollout(&mut a, HostsToWrite::Only(&[]), &events(1))
+                .expect("a ends");
+            // A finished rollout written again (an owed rollback settled).
+            store
+                .write_rollout(&mut a, HostsToWrite::Only(&[]), &events(1))
+                .expect("a after its end");
+            assert_eq!(seqs(&store, "r-a"), vec![1, 2, 3, 4, 5, 6, 7]);
+            assert_eq!(seqs(&store, "r-b"), vec![1]);
+            store.db.flush().expect("flush");
+        }
+        let store = Store::open_after_close(dir.path());
+        let mut b = rollout("r-b");
+        store
+            .write_rollout(&mut b, HostsToWrite::Only(&[]), &events(2))
+            .expect("write b after the reopen");
+        assert_eq!(seqs(&store, "r-b"), vec![1, 2, 3]);
+        assert_eq!(seqs(&store, "r-a").len(), 7);
     }
 }
