@@ -398,6 +398,11 @@ impl Store {
         self.group.fsyncs.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// How many rollout writes [`Store::write_rollout`] has made.
+    pub fn writes(&self) -> u64 {
+        self.group.written.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// How many rollout writes no completed [`Store::flush`] covers yet.
     pub fn not_durable(&self) -> u64 {
         use std::sync::atomic::Ordering::SeqCst;

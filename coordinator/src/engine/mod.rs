@@ -1041,30 +1041,58 @@ impl Engine {
         // cooperative budget, or a large batch's sends and results would be
         // spread over many polls of every pending host (each yielding at once
         // once the task's 128 operations per poll are spent).
-        // The results of the hosts journaled above are written as they come
-        // and made durable with the batch's end (or a halt, or the resource
-        // gate's first rollback): a coordinator stopped before finds those
-        // hosts `activating` and asks them, as for any restart during a
-        // batch, and a host it committed answers that it is committed.
-        let activated = tokio::task::unconstrained(
+        // The results of the hosts journaled above are written as they come,
+        // those that came together in one write, and made durable with the
+        // batch's end (or a halt, or the resource gate's first rollback): a
+        // coordinator stopped before finds those hosts `activating` and asks
+        // them, as for any restart during a batch, and a host it committed
+        // answers that it is committed.
+        let mut results = std::pin::pin!(
             futures::stream::iter(work.into_iter().map(|h| {
                 let journaled = ready.contains(&h);
                 async move {
                     if journaled {
-                        self.send_activate(r, h, activate_timeout, Some(carried))
-                            .await
+                        let res = self.activate(r, &h, activate_timeout).await?;
+                        Ok(res.map(|res| (h, res)))
                     } else {
-                        self.activate_host(r, h, activate_timeout).await
+                        self.activate_host(r, h, activate_timeout).await?;
+                        Ok(None)
                     }
                 }
             }))
             .buffer_unordered(n)
-            .collect::<Vec<_>>(),
-        )
-        .await;
-        activated
-            .into_iter()
-            .collect::<Result<Vec<()>, EngineError>>()?;
+            .ready_chunks(n)
+        );
+        let mut first_error = None;
+        while let Some(chunk) = tokio::task::unconstrained(results.next()).await {
+            let mut came = Vec::new();
+            for res in chunk {
+                match res {
+                    Ok(Some(x)) => came.push(x),
+                    Ok(None) => {}
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if came.is_empty() {
+                continue;
+            }
+            let recorded = self
+                .update_deferred(&r.id, carried, |r| {
+                    Ok(came
+                        .into_iter()
+                        .filter_map(|(h, res)| self.record_activation(r, &h, res))
+                        .collect())
+                })
+                .await;
+            if let Err(e) = recorded {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
         if self.check_halt_after(&r.id, None, carried).await? {
             return Ok(());
         }
@@ -1338,7 +1366,7 @@ impl Engine {
             )])
         })
         .await?;
-        self.send_activate(r, host, timeout, None).await
+        self.send_activate(r, host, timeout).await
     }
 
     /// Waits until `host` is connected, at most until `by`; returns whether it is.
@@ -1450,15 +1478,32 @@ impl Engine {
     }
 
     /// Sends Activate to a host journaled `activating` and records its
-    /// result: durably before returning, or, with `deferred`, written and
-    /// left in it for the caller's [`Engine::publish`].
+    /// result durably before returning.
     async fn send_activate(
         &self,
         r: &Rollout,
         host: String,
         timeout: Duration,
-        deferred: Option<&Deferred>,
     ) -> Result<(), EngineError> {
+        if let Some(res) = self.activate(r, &host, timeout).await? {
+            self.update(&r.id, |r| {
+                Ok(self.record_activation(r, &host, res).into_iter().collect())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends Activate to a host journaled `activating` and returns its
+    /// answer, for the caller to record. `None`: the stream ended while the
+    /// host was activating, and the outcome was decided (and recorded) from
+    /// its report once it came back, or it did not.
+    async fn activate(
+        &self,
+        r: &Rollout,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Option<Result<pb::CommandResult, FleetError>>, EngineError> {
         let cmd = Cmd::Activate(pb::Activate {
             service: r.service.clone(),
             release: r.release.clone(),
@@ -1466,7 +1511,7 @@ impl Engine {
         });
         let sent = tokio::time::Instant::now();
         let sent_ms = now_ms();
-        let res = self.fleet.command(&host, cmd, timeout).await;
+        let res = self.fleet.command(host, cmd, timeout).await;
         if let Err(FleetError::Dropped(_)) = &res {
             // The stream ended while the host was activating: it may come
             // back at once (a network blip) having verified the release. Give
@@ -1477,51 +1522,55 @@ impl Engine {
             let reconnect_by = tokio::time::Instant::now()
                 + Duration::from_millis(u64::try_from(by.saturating_sub(now)).unwrap_or(0));
             info!(rollout = %r.id, host = %host, grace_ms = by.saturating_sub(now), "stream ended during the activation; waiting for the host to reconnect");
-            return Box::pin(self.reconcile_activating(
+            Box::pin(self.reconcile_activating(
                 r,
-                host,
+                host.to_string(),
                 reconnect_by,
                 sent + timeout,
                 true,
             ))
-            .await;
+            .await?;
+            return Ok(None);
         }
-        let record = |r: &mut Rollout| {
-            let Some(p) = r.hosts.get_mut(&host) else {
-                return Ok(vec![]);
-            };
-            Ok(vec![match res {
-                Ok(x) if x.ok => {
-                    p.state = HostState::Probation;
-                    ev(Some(&host), "probation", "verified healthy; in probation")
-                }
-                Ok(x) => {
-                    p.state = HostState::Failed;
-                    p.failure = Some(Failure::from_pb(x.failure));
-                    self.fleet.metrics().host_failed(p.failure);
-                    p.reason = x.error.clone();
-                    ev(
-                        Some(&host),
-                        "host_failed",
-                        format!(
-                            "{}: {}",
-                            p.failure.map(Failure::name).unwrap_or("other"),
-                            x.error
-                        ),
-                    )
-                }
-                Err(e) => {
-                    p.state = HostState::Failed;
-                    p.failure = Some(Failure::Unreachable);
-                    p.reason = e.to_string();
-                    ev(Some(&host), "host_failed", format!("unreachable: {e}"))
-                }
-            }])
-        };
-        match deferred {
-            Some(d) => self.update_deferred(&r.id, d, record).await,
-            None => self.update(&r.id, record).await,
-        }
+        Ok(Some(res))
+    }
+
+    /// Records an Activate's answer on its host: in probation, or failed
+    /// (with the agent's words, or unreachable). `None`: not a host of `r`.
+    fn record_activation(
+        &self,
+        r: &mut Rollout,
+        host: &str,
+        res: Result<pb::CommandResult, FleetError>,
+    ) -> Option<Event> {
+        let p = r.hosts.get_mut(host)?;
+        Some(match res {
+            Ok(x) if x.ok => {
+                p.state = HostState::Probation;
+                ev(Some(host), "probation", "verified healthy; in probation")
+            }
+            Ok(x) => {
+                p.state = HostState::Failed;
+                p.failure = Some(Failure::from_pb(x.failure));
+                self.fleet.metrics().host_failed(p.failure);
+                p.reason = x.error.clone();
+                ev(
+                    Some(host),
+                    "host_failed",
+                    format!(
+                        "{}: {}",
+                        p.failure.map(Failure::name).unwrap_or("other"),
+                        x.error
+                    ),
+                )
+            }
+            Err(e) => {
+                p.state = HostState::Failed;
+                p.failure = Some(Failure::Unreachable);
+                p.reason = e.to_string();
+                ev(Some(host), "host_failed", format!("unreachable: {e}"))
+            }
+        })
     }
 
     /// A host journaled as activating when the coordinator stopped, or whose
@@ -1583,9 +1632,7 @@ impl Engine {
                     // The activation never reached the host: send it now.
                     info!(rollout = %r.id, host = %host, "activation was never received; sending it");
                     let left = settle_by.saturating_duration_since(tokio::time::Instant::now());
-                    return self
-                        .send_activate(r, host, left.max(COMMAND_SLACK), None)
-                        .await;
+                    return self.send_activate(r, host, left.max(COMMAND_SLACK)).await;
                 } else {
                     None
                 };

@@ -121,6 +121,8 @@ struct Agents {
     store: std::sync::OnceLock<Store>,
     /// The store's fsync count when each command of `sent` arrived.
     flushes_at: Mutex<Vec<u64>>,
+    /// The store's rollout write count when each command of `sent` arrived.
+    writes_at: Mutex<Vec<u64>>,
 }
 
 impl Default for Agents {
@@ -130,6 +132,7 @@ impl Default for Agents {
             answered: AtomicUsize::new(usize::MAX),
             store: std::sync::OnceLock::new(),
             flushes_at: Mutex::default(),
+            writes_at: Mutex::default(),
         }
     }
 }
@@ -396,6 +399,8 @@ fn connect(fleet: &Arc<Fleet>, sim: &Arc<Sim>, log: &Log) {
                 });
                 let flushes = log.store.get().map_or(0, Store::flushes);
                 log.flushes_at.lock().expect("log").push(flushes);
+                let writes = log.store.get().map_or(0, Store::writes);
+                log.writes_at.lock().expect("log").push(writes);
                 sent.len()
             };
             let frozen = nth > log.answered.load(Ordering::SeqCst);
@@ -844,6 +849,46 @@ async fn a_batch_s_results_are_made_durable_with_its_end() {
         1,
         "fsyncs from the first Activate to the end: {at:?} {log:?}"
     );
+}
+
+/// Activation results that come back together are recorded in one write,
+/// not one write each. On one thread, the eight fake agents all answer
+/// before the engine looks: one write between the last Activate and the
+/// first Commit.
+#[tokio::test]
+async fn activation_results_that_come_together_are_written_together() {
+    let h = Harness::new(8).await;
+    let engine = h.engine();
+    let spec = SPEC_BATCH2
+        .replace("batch_size = 2", "batch_size = 8")
+        .replace("max_unavailable = 2", "max_unavailable = 8");
+    let r = engine.deploy(&spec, &h.digest, h.size).expect("deploy");
+    assert_eq!(r.batches.len(), 1);
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    assert_all_committed_once(&h, &r);
+    let log = h.sent();
+    let at = h.log.writes_at.lock().expect("log").clone();
+    let last_activate = log
+        .iter()
+        .rposition(|s| s.kind == "activate")
+        .expect("activations");
+    let first_commit = log
+        .iter()
+        .position(|s| s.kind == "commit")
+        .expect("commits");
+    assert_eq!(
+        at[first_commit] - at[last_activate],
+        1,
+        "rollout writes between the last Activate and the first Commit: {at:?} {log:?}"
+    );
+    let probation = h
+        .store
+        .events(&r.id)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == "probation")
+        .count();
+    assert_eq!(probation, 8, "{}", h.dump(&r));
 }
 
 /// The batch-started message (written with the rollout's head, once per
