@@ -185,8 +185,8 @@ fn halt(r: &mut Rollout, why: Option<String>) -> Option<Event> {
 }
 
 /// A batch's hosts for a message: all of them up to ten, else how many
-/// with the first and the last (the message is in every write of the
-/// rollout's head, once per host result; `rollout status` lists the hosts).
+/// with the first and the last (the message is in the rollout's head,
+/// which every write carries; `rollout status` lists the hosts).
 fn hosts_in_brief(batch: &[String]) -> String {
     match batch {
         [first, .., last] if batch.len() > 10 => {
@@ -1457,10 +1457,7 @@ impl Engine {
                 ev(Some(host), "staged", "release staged")
             }
             Ok(x) => {
-                p.state = HostState::Failed;
-                p.failure = Some(Failure::from_pb(x.failure));
-                self.fleet.metrics().host_failed(p.failure);
-                p.reason = x.error.clone();
+                self.fail(p, Failure::from_pb(x.failure), x.error.clone());
                 ev(
                     Some(host),
                     "host_failed",
@@ -1468,13 +1465,19 @@ impl Engine {
                 )
             }
             Err(e) => {
-                p.state = HostState::Failed;
-                p.failure = Some(Failure::Unreachable);
-                self.fleet.metrics().host_failed(p.failure);
-                p.reason = e.to_string();
+                self.fail(p, Failure::Unreachable, e.to_string());
                 ev(Some(host), "host_failed", format!("unreachable: {e}"))
             }
         }
+    }
+
+    /// Marks a host failed, with its failure and reason; a failure that
+    /// means the host rolled itself back is counted in the metrics.
+    fn fail(&self, p: &mut HostProgress, failure: Failure, reason: String) {
+        p.state = HostState::Failed;
+        p.failure = Some(failure);
+        self.fleet.metrics().host_failed(p.failure);
+        p.reason = reason;
     }
 
     /// Sends Activate to a host journaled `activating` and records its
@@ -1550,24 +1553,16 @@ impl Engine {
                 ev(Some(host), "probation", "verified healthy; in probation")
             }
             Ok(x) => {
-                p.state = HostState::Failed;
-                p.failure = Some(Failure::from_pb(x.failure));
-                self.fleet.metrics().host_failed(p.failure);
-                p.reason = x.error.clone();
+                let failure = Failure::from_pb(x.failure);
+                self.fail(p, failure, x.error.clone());
                 ev(
                     Some(host),
                     "host_failed",
-                    format!(
-                        "{}: {}",
-                        p.failure.map(Failure::name).unwrap_or("other"),
-                        x.error
-                    ),
+                    format!("{}: {}", failure.name(), x.error),
                 )
             }
             Err(e) => {
-                p.state = HostState::Failed;
-                p.failure = Some(Failure::Unreachable);
-                p.reason = e.to_string();
+                self.fail(p, Failure::Unreachable, e.to_string());
                 ev(Some(host), "host_failed", format!("unreachable: {e}"))
             }
         })

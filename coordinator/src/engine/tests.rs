@@ -809,12 +809,27 @@ async fn deploy_updates_every_host_once_in_batch_order() {
     }
 }
 
-/// A batch's results are not flushed before its Commits leave: they are
-/// made durable with its end, which, the rollout going straight on, the
-/// rollout's next write (here its success) makes durable. A one-batch
-/// rollout takes one fsync from its first Activate to its end.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_batch_s_results_are_made_durable_with_its_end() {
+/// Where, in the command log of one batch, the first and last Activate and
+/// the first Commit are; every Activate comes before the first Commit.
+fn activations_and_first_commit(log: &[Sent]) -> (usize, usize, usize) {
+    let first = log
+        .iter()
+        .position(|s| s.kind == "activate")
+        .expect("activations");
+    let last = log
+        .iter()
+        .rposition(|s| s.kind == "activate")
+        .expect("activations");
+    let commit = log
+        .iter()
+        .position(|s| s.kind == "commit")
+        .expect("commits");
+    assert!(last < commit, "{log:?}");
+    (first, last, commit)
+}
+
+/// A rollout of eight fake hosts in one batch, run to its success.
+async fn one_batch_of_eight() -> (Harness, Rollout) {
     let h = Harness::new(8).await;
     let engine = h.engine();
     let spec = SPEC_BATCH2
@@ -824,22 +839,20 @@ async fn a_batch_s_results_are_made_durable_with_its_end() {
     assert_eq!(r.batches.len(), 1);
     let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
     assert_all_committed_once(&h, &r);
+    (h, r)
+}
+
+/// A batch's results are not flushed before its Commits leave: they are
+/// made durable with its end, which, the rollout going straight on, the
+/// rollout's next write (here its success) makes durable. A one-batch
+/// rollout takes one fsync from its first Activate to its end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_s_results_are_made_durable_with_its_end() {
+    let (h, _) = one_batch_of_eight().await;
     h.wait_durable("after the rollout succeeded").await;
     let log = h.sent();
     let at = h.log.flushes_at.lock().expect("log").clone();
-    let first_activate = log
-        .iter()
-        .position(|s| s.kind == "activate")
-        .expect("activations");
-    let last_activate = log
-        .iter()
-        .rposition(|s| s.kind == "activate")
-        .expect("activations");
-    let first_commit = log
-        .iter()
-        .position(|s| s.kind == "commit")
-        .expect("commits");
-    assert!(last_activate < first_commit, "{log:?}");
+    let (first_activate, last_activate, first_commit) = activations_and_first_commit(&log);
     assert_eq!(
         at[first_commit], at[last_activate],
         "fsyncs between the last Activate and the first Commit: {at:?} {log:?}"
@@ -857,25 +870,10 @@ async fn a_batch_s_results_are_made_durable_with_its_end() {
 /// first Commit.
 #[tokio::test]
 async fn activation_results_that_come_together_are_written_together() {
-    let h = Harness::new(8).await;
-    let engine = h.engine();
-    let spec = SPEC_BATCH2
-        .replace("batch_size = 2", "batch_size = 8")
-        .replace("max_unavailable = 2", "max_unavailable = 8");
-    let r = engine.deploy(&spec, &h.digest, h.size).expect("deploy");
-    assert_eq!(r.batches.len(), 1);
-    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
-    assert_all_committed_once(&h, &r);
+    let (h, r) = one_batch_of_eight().await;
     let log = h.sent();
     let at = h.log.writes_at.lock().expect("log").clone();
-    let last_activate = log
-        .iter()
-        .rposition(|s| s.kind == "activate")
-        .expect("activations");
-    let first_commit = log
-        .iter()
-        .position(|s| s.kind == "commit")
-        .expect("commits");
+    let (_, last_activate, first_commit) = activations_and_first_commit(&log);
     assert_eq!(
         at[first_commit] - at[last_activate],
         1,
@@ -891,8 +889,8 @@ async fn activation_results_that_come_together_are_written_together() {
     assert_eq!(probation, 8, "{}", h.dump(&r));
 }
 
-/// The batch-started message (written with the rollout's head, once per
-/// host result) names a batch in full up to ten hosts, else in brief.
+/// The batch-started message (in the rollout's head, which every write
+/// carries) names a batch in full up to ten hosts, else in brief.
 #[test]
 fn a_large_batch_is_named_in_brief() {
     let hosts = |n: usize| (1..=n).map(host).collect::<Vec<_>>();
