@@ -337,6 +337,18 @@ impl Fleet {
             .cloned()
     }
 
+    /// The release `host` last reported `service` on (no copy of the
+    /// report: a batch's start asks this of each of its hosts).
+    pub fn current_release(&self, host: &str, service: &str) -> Option<String> {
+        let k = self.known.lock().ok()?;
+        k.get(host)?
+            .report
+            .services
+            .iter()
+            .find(|s| s.service == service)
+            .map(|s| s.current_release.clone())
+    }
+
     /// Whether `host` last reported `service` unhealthy (no copy of the
     /// report: the fleet-wide gate asks this of every host between batches).
     pub fn service_unhealthy(&self, host: &str, service: &str) -> bool {

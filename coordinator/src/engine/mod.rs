@@ -1013,8 +1013,7 @@ impl Engine {
             .map(|h| {
                 let cur = self
                     .fleet
-                    .service(h, &r.service)
-                    .map(|s| s.current_release)
+                    .current_release(h, &r.service)
                     .filter(|s| !s.is_empty());
                 (h.clone(), cur)
             })
@@ -1350,10 +1349,7 @@ impl Engine {
         if !self.await_connected(&host, grace_end).await {
             info!(rollout = %r.id, host = %host, "host not connected when its batch came; counting it unreachable");
         }
-        let before = self
-            .fleet
-            .service(&host, &r.service)
-            .map(|s| s.current_release);
+        let before = self.fleet.current_release(&host, &r.service);
         self.update(&r.id, |r| {
             if let Some(p) = r.hosts.get_mut(&host) {
                 p.state = HostState::Activating;
