@@ -76,7 +76,49 @@ pub fn free_port() -> u16 {
 /// `n` distinct free TCP ports on 127.0.0.1: all are bound at once before
 /// any is released, so no two are the same (separate [`free_port`] calls can
 /// return one port twice, and two services of a fleet would then share it).
+///
+/// They are taken below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`) when it leaves room: a port
+/// from that range, free when picked, can be handed to another socket (the
+/// source port of any outgoing connection of the tests running alongside)
+/// before the service meant for it binds it, and that service then fails to
+/// start. Below the range only an explicit bind takes a port.
 pub fn free_ports(n: usize) -> Vec<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FLOOR: u16 = 10_000;
+    if low <= FLOOR + 1_000 {
+        return ephemeral_ports(n);
+    }
+    // A start that differs between the test processes running at once.
+    let span = u32::from(low - FLOOR);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let mut held = Vec::new();
+    for k in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = FLOOR + u16::try_from((seed.wrapping_add(k)) % span).unwrap_or(0);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        return ephemeral_ports(n);
+    }
+    held.iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
+/// `n` distinct ports the kernel picks (in its ephemeral range).
+fn ephemeral_ports(n: usize) -> Vec<u16> {
     let held: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
         .collect();
@@ -554,5 +596,29 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         self.kill_services();
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    /// Test ports are distinct, free, and below the kernel's ephemeral range
+    /// when it leaves room (where no outgoing connection can take them).
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("ephemeral range")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("its low end");
+        let ports = super::free_ports(20);
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), 20, "{ports:?}");
+        for p in &ports {
+            if low > 11_000 {
+                assert!(*p >= 10_000 && *p < low, "{p} not below {low}");
+            }
+            std::net::TcpListener::bind(("127.0.0.1", *p)).expect("the port is free");
+        }
     }
 }
