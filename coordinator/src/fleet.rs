@@ -328,25 +328,29 @@ impl Fleet {
 
     /// Last report of `host`'s `service`.
     pub fn service(&self, host: &str, service: &str) -> Option<pb::ServiceReport> {
-        let k = self.known.lock().ok()?;
-        k.get(host)?
-            .report
-            .services
-            .iter()
-            .find(|s| s.service == service)
-            .cloned()
+        self.with_service(host, service, Clone::clone)
     }
 
     /// The release `host` last reported `service` on (no copy of the
     /// report: a batch's start asks this of each of its hosts).
     pub fn current_release(&self, host: &str, service: &str) -> Option<String> {
+        self.with_service(host, service, |s| s.current_release.clone())
+    }
+
+    /// `f` of the last report of `host`'s `service`, under the registry's lock.
+    fn with_service<T>(
+        &self,
+        host: &str,
+        service: &str,
+        f: impl FnOnce(&pb::ServiceReport) -> T,
+    ) -> Option<T> {
         let k = self.known.lock().ok()?;
         k.get(host)?
             .report
             .services
             .iter()
             .find(|s| s.service == service)
-            .map(|s| s.current_release.clone())
+            .map(f)
     }
 
     /// Whether `host` last reported `service` unhealthy (no copy of the
