@@ -2089,9 +2089,12 @@ fn rollbacks_done(h: &Harness, host: &str) -> usize {
 }
 
 async fn assert_owed_rollback_settled(h: &Harness, id: &str) {
+    // Both parts of the one write that settles the debt: the store is read
+    // key by key, so a poll can see the host's part before the head's.
     let r = h
         .wait_until(id, "host-1 rolled back on reconnect", |r| {
             r.hosts[&host(1)].state == HostState::RolledBack
+                && r.message.contains("fleet rollback complete")
         })
         .await;
     assert_eq!(r.state, RolloutState::RolledBack);
