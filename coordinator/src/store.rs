@@ -129,6 +129,11 @@ pub struct Store {
     /// Each rollout's last event number, once written by this process (the
     /// store is its only writer), so a write does not look it up.
     last_event: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    /// A rollout is kept under several keys (head, plan, hosts): a reader
+    /// holds this shared while it reads them, a rollout write holds it
+    /// exclusively while it applies, so a read never sees part of a write
+    /// (sled 0.34 has no snapshot reads and its transactions cannot scan).
+    whole: std::sync::Arc<std::sync::RwLock<()>>,
 }
 
 /// Group commit for [`Store::flush`]: one fsync at a time, each covering
@@ -163,6 +168,7 @@ impl Store {
             crash_at: None,
             group: Default::default(),
             last_event: Default::default(),
+            whole: Default::default(),
         })
     }
 
@@ -328,9 +334,15 @@ impl Store {
             k.extend_from_slice(&seq.to_be_bytes());
             batch.insert(k, encode("event", &ev)?);
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(backend("write rollout"))?;
+        {
+            let _whole = self
+                .whole
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.db
+                .apply_batch(batch)
+                .map_err(backend("write rollout"))?;
+        }
         // A finished rollout is rarely written again: its number is read
         // from the store then.
         if r.state.is_terminal() {
@@ -410,9 +422,13 @@ impl Store {
         self.group.written.load(SeqCst).saturating_sub(durable)
     }
 
-    /// One rollout.
+    /// One rollout, as one write left it (never part of a write).
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
         let key = format!("rollout/{id}");
+        let _whole = self
+            .whole
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match self
             .db
             .get(key.as_bytes())
@@ -428,7 +444,7 @@ impl Store {
     }
 
     /// Fills in the plan (`rplan/<id>`) and the hosts stored under their own
-    /// keys (`rhost/<id>/<host>`).
+    /// keys (`rhost/<id>/<host>`). The caller holds `whole`.
     fn load_parts(&self, r: &mut Rollout) -> Result<(), StoreError> {
         let k = format!("rplan/{}", r.id);
         if let Some(v) = self
@@ -451,11 +467,22 @@ impl Store {
         Ok(())
     }
 
-    /// Every rollout, oldest first.
+    /// Every rollout, oldest first; each as one write left it (read one at
+    /// a time, so that writers wait for one rollout's read, not all).
     pub fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        let mut v: Vec<Rollout> = self.scan("rollout/")?;
-        for r in &mut v {
-            self.load_parts(r)?;
+        let mut ids = Vec::new();
+        for k in self.db.scan_prefix(b"rollout/").keys() {
+            let k = k.map_err(backend("list rollouts"))?;
+            ids.push(
+                String::from_utf8_lossy(k.get("rollout/".len()..).unwrap_or_default()).into_owned(),
+            );
+        }
+        let mut v = Vec::with_capacity(ids.len());
+        for id in ids {
+            // Gone since the listing: not a rollout any more.
+            if let Some(r) = self.rollout(&id)? {
+                v.push(r);
+            }
         }
         v.sort_by_key(|r| r.created_at_ms);
         Ok(v)
@@ -855,5 +882,71 @@ mod event_tests {
             .expect("write b after the reopen");
         assert_eq!(seqs(&store, "r-b"), vec![1, 2, 3]);
         assert_eq!(seqs(&store, "r-a").len(), 7);
+    }
+
+    /// A rollout read while it is written is the rollout of one write: its
+    /// head and its hosts (separate keys) agree. The writer stamps the head's
+    /// message and both hosts' reasons with the write's number; a reader
+    /// racing it never sees two numbers.
+    #[test]
+    fn a_rollout_read_during_writes_is_never_part_of_one() {
+        use crate::engine::model::{HostProgress, HostState};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut r = rollout("r-torn");
+        let names = ["h1".to_string(), "h2".to_string()];
+        for h in &names {
+            r.hosts.insert(
+                h.clone(),
+                HostProgress {
+                    state: HostState::Probation,
+                    batch: 0,
+                    failure: None,
+                    reason: "0".into(),
+                    previous_release: None,
+                },
+            );
+        }
+        r.message = "0".into();
+        store
+            .write_rollout(&mut r, HostsToWrite::All, &[])
+            .expect("first write");
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let store = store.clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let r = store.rollout("r-torn").expect("read").expect("stored");
+                    let seen: Vec<&str> = std::iter::once(r.message.as_str())
+                        .chain(r.hosts.values().map(|p| p.reason.as_str()))
+                        .collect();
+                    assert!(
+                        seen.iter().all(|x| *x == seen[0]),
+                        "a read mixed two writes after {reads} reads: {seen:?}"
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for n in 1..=2_000u32 {
+            r.message = n.to_string();
+            for h in &names {
+                if let Some(p) = r.hosts.get_mut(h) {
+                    p.reason = n.to_string();
+                }
+            }
+            store
+                .write_rollout(&mut r, HostsToWrite::Only(&names), &[])
+                .expect("write");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let reads = reader.join().expect("the reader saw every read whole");
+        assert!(reads > 0, "the reader never read");
+        let listed = store.rollouts().expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].message, "2000");
     }
 }

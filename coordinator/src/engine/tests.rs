@@ -2089,8 +2089,8 @@ fn rollbacks_done(h: &Harness, host: &str) -> usize {
 }
 
 async fn assert_owed_rollback_settled(h: &Harness, id: &str) {
-    // Both parts of the one write that settles the debt: the store is read
-    // key by key, so a poll can see the host's part before the head's.
+    // Both parts of the one write that settles the debt (the host's state
+    // and the head's message).
     let r = h
         .wait_until(id, "host-1 rolled back on reconnect", |r| {
             r.hosts[&host(1)].state == HostState::RolledBack
