@@ -60,6 +60,16 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
     })
 }
 
+/// The events stored under one key: those of one write (a list), or one
+/// event alone (a record of an earlier version, one event per key).
+fn decode_events(key: &[u8], v: &[u8]) -> Result<Vec<Event>, StoreError> {
+    if v.first() == Some(&b'[') {
+        decode(key, v)
+    } else {
+        decode(key, v).map(|e| vec![e])
+    }
+}
+
 /// The coordinator's test-only crash points, one per persisted rollout
 /// transition: a point is reached right after (flushed) the first rollout
 /// write carrying an event of that kind, `host_<kind>` for a host's event
@@ -269,9 +279,11 @@ impl Store {
     /// rollout's state without its hosts and plan, `rplan/<id>` the plan
     /// (batches and definition, which never change; written with every
     /// host), `rhost/<id>/<host>` each host's progress (`hosts` says which
-    /// are written). Records of earlier versions, with the hosts and plan
-    /// inline, are read as they are and split on their first write (which
-    /// writes every host and the plan).
+    /// are written), `event/<id>/<n>` the write's events, numbered from `n`
+    /// (earlier versions kept one event per key; both are read). Records of
+    /// earlier versions, with the hosts and plan inline, are read as they
+    /// are and split on their first write (which writes every host and the
+    /// plan).
     pub fn write_rollout(
         &self,
         r: &mut Rollout,
@@ -326,13 +338,19 @@ impl Store {
             Some(seq) => seq,
             None => self.last_stored_event(&prefix)?,
         };
-        for e in events {
-            seq += 1;
-            let mut ev = e.clone();
-            ev.seq = seq;
+        // The write's events under one key, the number of its first: a
+        // batch's hundred host events are one insert, not a hundred.
+        if !events.is_empty() {
             let mut k = prefix.clone().into_bytes();
-            k.extend_from_slice(&seq.to_be_bytes());
-            batch.insert(k, encode("event", &ev)?);
+            k.extend_from_slice(&(seq + 1).to_be_bytes());
+            let numbered: Vec<Event> = events
+                .iter()
+                .map(|e| {
+                    seq += 1;
+                    Event { seq, ..e.clone() }
+                })
+                .collect();
+            batch.insert(k, encode("event", &numbered)?);
         }
         {
             let _whole = self
@@ -362,14 +380,18 @@ impl Store {
         Ok(match self.db.scan_prefix(prefix.as_bytes()).next_back() {
             None => 0,
             Some(kv) => {
-                let (k, _) = kv.map_err(backend("read the last event"))?;
-                k.get(prefix.len()..)
+                let (k, v) = kv.map_err(backend("read the last event"))?;
+                let first = k
+                    .get(prefix.len()..)
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                     .map(u64::from_be_bytes)
                     .ok_or_else(|| StoreError::Corrupt {
                         key: String::from_utf8_lossy(&k).into_owned(),
                         message: "an event key must end in a 64-bit sequence number".into(),
-                    })?
+                    })?;
+                decode_events(&k, &v)?
+                    .last()
+                    .map_or(first, |e| e.seq.max(first))
             }
         })
     }
@@ -490,7 +512,12 @@ impl Store {
 
     /// The event log of a rollout, in order.
     pub fn events(&self, id: &str) -> Result<Vec<Event>, StoreError> {
-        self.scan(&format!("event/{id}/"))
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(format!("event/{id}/").as_bytes()) {
+            let (k, v) = kv.map_err(backend("read a rollout's events"))?;
+            out.extend(decode_events(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// Remembers a host (labels, last report), flushed.
@@ -882,6 +909,44 @@ mod event_tests {
             .expect("write b after the reopen");
         assert_eq!(seqs(&store, "r-b"), vec![1, 2, 3]);
         assert_eq!(seqs(&store, "r-a").len(), 7);
+    }
+
+    /// A write's events are stored under one key; a log of an earlier
+    /// version (one event per key) is read as it is and followed on.
+    #[test]
+    fn a_write_s_events_share_one_key_and_older_logs_are_followed_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for seq in 1..=2u64 {
+            let mut k = b"event/r-old/".to_vec();
+            k.extend_from_slice(&seq.to_be_bytes());
+            let e = Event {
+                seq,
+                at_ms: 0,
+                host: None,
+                kind: format!("old{seq}"),
+                message: String::new(),
+            };
+            store
+                .db
+                .insert(k, serde_json::to_vec(&e).expect("encode"))
+                .expect("insert");
+        }
+        let mut r = rollout("r-old");
+        store
+            .write_rollout(&mut r, HostsToWrite::All, &events(100))
+            .expect("write");
+        store
+            .write_rollout(&mut r, HostsToWrite::Only(&[]), &events(1))
+            .expect("write again");
+        let keys = store.db.scan_prefix(b"event/r-old/").count();
+        assert_eq!(keys, 4, "two old keys, then one per write");
+        let got = store.events("r-old").expect("events");
+        assert_eq!(seqs(&store, "r-old"), (1..=103).collect::<Vec<u64>>());
+        assert_eq!(got[0].kind, "old1");
+        assert_eq!(got[2].kind, "k0");
+        assert_eq!(got[101].kind, "k99");
+        assert_eq!(got[102].kind, "k0");
     }
 
     /// A rollout read while it is written is the rollout of one write: its
