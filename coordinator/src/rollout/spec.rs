@@ -43,7 +43,7 @@
 //! failure_threshold = 3      # consecutive failures before failing; default 3
 //! success_threshold = 1      # consecutive successes before passing; default 1
 //!
-//! [thresholds]               # optional; resource ceilings of the service's process tree
+//! [thresholds]               # optional; resource ceilings of the service's process tree (run.exec only)
 //! max_rss = "512MiB"         # or integer bytes; units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB
 //! max_cpu_percent = 80.0     # share of one core, > 0 (may exceed 100 on several cores)
 //! sustained_samples = 3      # consecutive samples over a ceiling before it counts; default 3
@@ -836,6 +836,28 @@ impl RawSpec {
         }
 
         let thresholds = self.thresholds.validate()?;
+        // Ceilings need the service's process, which the agent has only when
+        // it runs it: under systemd or scripts they would never be checked.
+        let ceilings = [
+            ("max_rss", thresholds.max_rss_bytes > 0),
+            ("max_cpu_percent", thresholds.max_cpu_percent > 0.0),
+            ("max_rss_ratio", thresholds.max_rss_ratio > 0.0),
+            ("max_cpu_ratio", thresholds.max_cpu_ratio > 0.0),
+        ];
+        if let Some((key, _)) = ceilings.iter().find(|(_, set)| *set)
+            && !matches!(supervision, pb::service_definition::Supervision::Exec(_))
+        {
+            let mode = match supervision {
+                pb::service_definition::Supervision::Systemd(_) => "run.systemd_unit",
+                _ => "run.start (scripts)",
+            };
+            return Err(bad(
+                format!("thresholds.{key}"),
+                format!(
+                    "resource ceilings are checked on the process the agent runs (run.exec); with {mode} the agent does not know the service's process, so the ceiling would never be checked; run the service with run.exec or remove [thresholds]"
+                ),
+            ));
+        }
         let targets = self.targets.validate()?;
         let (strategy, times) = self.strategy.validate()?;
 
@@ -1844,6 +1866,33 @@ hosts = ["web-1"]
         rejects(
             &MINIMAL.replace("exec = [\"./bin/web\"]", "systemd_unit = \"a/b\""),
             &["run.systemd_unit"],
+        );
+        // Ceilings need the process the agent runs: refused, not ignored,
+        // under systemd or scripts; kept with exec.
+        for (line, key) in [
+            ("max_rss = \"512MiB\"", "thresholds.max_rss"),
+            ("max_cpu_percent = 80.0", "thresholds.max_cpu_percent"),
+            ("max_rss_ratio = 1.5", "thresholds.max_rss_ratio"),
+            ("max_cpu_ratio = 2.0", "thresholds.max_cpu_ratio"),
+        ] {
+            let with = minimal_with("thresholds", line);
+            rejects(
+                &with.replace("exec = [\"./bin/web\"]", "systemd_unit = \"web.service\""),
+                &[key, "run.systemd_unit", "never be checked", "run.exec"],
+            );
+            rejects(
+                &with.replace("exec = [\"./bin/web\"]", "start = [\"./bin/start\"]"),
+                &[key, "run.start", "run.exec"],
+            );
+            assert!(parse(&with).is_ok(), "{line} with exec");
+        }
+        // sustained_samples alone sets no ceiling.
+        assert!(
+            parse(
+                &minimal_with("thresholds", "sustained_samples = 5")
+                    .replace("exec = [\"./bin/web\"]", "systemd_unit = \"web.service\"")
+            )
+            .is_ok()
         );
         rejects(
             &MINIMAL.replace("hosts = [\"web-1\"]", ""),
