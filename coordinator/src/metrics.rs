@@ -346,7 +346,7 @@ pub async fn serve(
         move || {
             let states = engine
                 .store()
-                .rollouts()
+                .rollout_heads()
                 .unwrap_or_default()
                 .into_iter()
                 .map(|r| r.state);

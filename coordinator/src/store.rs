@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::engine::model::{Event, HostRecord, Rollout};
+use crate::engine::model::{Event, HostRecord, Rollout, RolloutState};
 use crate::join::{HostRevocation, TokenRecord, TokenRefusal};
 
 /// A store failure.
@@ -128,6 +128,21 @@ pub enum HostsToWrite<'a> {
     All,
     /// Only these hosts changed.
     Only(&'a [String]),
+}
+
+/// What [`Store::rollout_heads`] reads of a rollout: enough to count
+/// rollouts by state and find a service's unfinished one, without decoding
+/// its hosts or plan.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RolloutHead {
+    /// Rollout id.
+    pub id: String,
+    /// Service it updates.
+    pub service: String,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// When it was created (unix ms).
+    pub created_at_ms: i64,
 }
 
 /// The coordinator's sled database.
@@ -506,6 +521,16 @@ impl Store {
                 v.push(r);
             }
         }
+        v.sort_by_key(|r| r.created_at_ms);
+        Ok(v)
+    }
+
+    /// Every rollout's head, oldest first: its id, service and state, read
+    /// from `rollout/<id>` alone. What a metrics scrape or a deploy's check
+    /// for a running rollout needs, at a cost that does not grow with the
+    /// hosts of the rollouts kept.
+    pub fn rollout_heads(&self) -> Result<Vec<RolloutHead>, StoreError> {
+        let mut v: Vec<RolloutHead> = self.scan("rollout/")?;
         v.sort_by_key(|r| r.created_at_ms);
         Ok(v)
     }
@@ -947,6 +972,57 @@ mod event_tests {
         assert_eq!(got[2].kind, "k0");
         assert_eq!(got[101].kind, "k99");
         assert_eq!(got[102].kind, "k0");
+    }
+
+    /// Heads are read without the hosts: a rollout whose host record does
+    /// not decode still counts, where reading it whole fails; a record of
+    /// an earlier version, hosts inline, is read too; oldest first.
+    #[test]
+    fn heads_are_read_without_the_hosts() {
+        use crate::engine::model::{HostProgress, HostState};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut old = rollout("r-old");
+        old.created_at_ms = 1;
+        old.state = RolloutState::Succeeded;
+        old.hosts.insert(
+            "h1".into(),
+            HostProgress {
+                state: HostState::Committed,
+                batch: 0,
+                failure: None,
+                reason: String::new(),
+                previous_release: None,
+            },
+        );
+        store.insert_raw("rollout/r-old", serde_json::to_vec(&old).expect("encode"));
+        let mut a = rollout("r-a");
+        a.created_at_ms = 3;
+        a.service = "api".into();
+        a.hosts = old.hosts.clone();
+        store
+            .write_rollout(&mut a, HostsToWrite::All, &[])
+            .expect("write a");
+        let mut b = rollout("r-b");
+        b.created_at_ms = 2;
+        store
+            .write_rollout(&mut b, HostsToWrite::All, &[])
+            .expect("write b");
+        store.insert_raw("rhost/r-a/h1", b"not json".to_vec());
+        assert!(store.rollouts().is_err(), "a host that does not decode");
+        let heads = store.rollout_heads().expect("heads");
+        let seen: Vec<(&str, &str, RolloutState)> = heads
+            .iter()
+            .map(|h| (h.id.as_str(), h.service.as_str(), h.state))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("r-old", "web", RolloutState::Succeeded),
+                ("r-b", "web", RolloutState::Running),
+                ("r-a", "api", RolloutState::Running),
+            ]
+        );
     }
 
     /// A rollout read while it is written is the rollout of one write: its

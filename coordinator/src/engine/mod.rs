@@ -290,7 +290,7 @@ impl Engine {
 
     /// Restarts a watcher for every unfinished rollout.
     pub fn resume_all(self: &Arc<Self>) -> Result<(), EngineError> {
-        for r in self.store.rollouts()? {
+        for r in self.store.rollout_heads()? {
             if !r.state.is_terminal() {
                 info!(rollout = %r.id, state = r.state.name(), "resuming rollout");
                 let me = self.clone();
@@ -588,7 +588,7 @@ impl Engine {
             }
             .into());
         }
-        for other in self.store.rollouts()? {
+        for other in self.store.rollout_heads()? {
             if other.service == spec.service && !other.state.is_terminal() {
                 return Err(EngineError::Conflict {
                     service: spec.service.clone(),

@@ -114,6 +114,22 @@ pub async fn ping(fleet: &Fleet, r: pb::PingRequest) -> Result<pb::PingResponse,
     })
 }
 
+/// The stored rollouts of `service` (empty: of every service), oldest
+/// first: the heads pick them, so only theirs are read whole.
+fn stored_rollouts(engine: &Engine, service: &str) -> Result<Vec<pb::RolloutStatus>, Status> {
+    let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+    let mut out = Vec::new();
+    for head in engine.store().rollout_heads().map_err(internal)? {
+        if !service.is_empty() && head.service != service {
+            continue;
+        }
+        if let Some(r) = engine.store().rollout(&head.id).map_err(internal)? {
+            out.push(r.status());
+        }
+    }
+    Ok(out)
+}
+
 impl ControlApi {
     fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
         if self.tls {
@@ -213,15 +229,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         self.auth(&req)?;
         let svc = req.into_inner().service;
-        let rollouts = self
-            .engine
-            .store()
-            .rollouts()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .filter(|r| svc.is_empty() || r.service == svc)
-            .map(|r| r.status())
-            .collect();
+        let rollouts = stored_rollouts(&self.engine, &svc)?;
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
 
@@ -359,15 +367,7 @@ impl ControlService for ControlApi {
                 })
             })
             .collect();
-        let rollouts = self
-            .engine
-            .store()
-            .rollouts()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .filter(|r| r.service == svc)
-            .map(|r| r.status())
-            .collect();
+        let rollouts = stored_rollouts(&self.engine, &svc)?;
         Ok(Response::new(pb::HistoryResponse { hosts, rollouts }))
     }
 
