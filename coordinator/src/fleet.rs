@@ -310,6 +310,20 @@ impl Fleet {
         self.conns.lock().ok()?.get(host).map(|c| c.session)
     }
 
+    /// How many known hosts have a live stream, and how many are known: the
+    /// figures of [`Fleet::hosts`] without copying every host's report.
+    pub fn counts(&self) -> (usize, usize) {
+        let Ok(known) = self.known.lock() else {
+            return (0, 0);
+        };
+        let connected = self
+            .conns
+            .lock()
+            .map(|c| known.keys().filter(|h| c.contains_key(*h)).count())
+            .unwrap_or(0);
+        (connected, known.len())
+    }
+
     /// Names of the hosts with a live stream, sorted.
     pub fn connected_hosts(&self) -> Vec<String> {
         let mut v: Vec<String> = self

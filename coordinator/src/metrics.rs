@@ -350,9 +350,8 @@ pub async fn serve(
                 .unwrap_or_default()
                 .into_iter()
                 .map(|r| r.state);
-            let hosts = engine.fleet().hosts();
-            let connected = hosts.iter().filter(|h| h.connected).count();
-            metrics.render(states, connected, hosts.len())
+            let (connected, known) = engine.fleet().counts();
+            metrics.render(states, connected, known)
         },
         cancel,
     )

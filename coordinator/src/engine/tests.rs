@@ -1726,6 +1726,23 @@ async fn abort_while_waiting_for_promote_rolls_the_canary_back() {
 
 // ---- unreachable hosts ----
 
+/// The fleet's counts (what a metrics scrape shows) agree with its list of
+/// hosts, before and after a host's stream ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_s_counts_follow_its_hosts() {
+    let h = Harness::new(4).await;
+    let from_list = |h: &Harness| {
+        let hosts = h.fleet.hosts();
+        (hosts.iter().filter(|x| x.connected).count(), hosts.len())
+    };
+    assert_eq!(h.fleet.counts(), (4, 4));
+    assert_eq!(h.fleet.counts(), from_list(&h));
+    h.fleet
+        .unregister(&host(2), h.sim(&host(2)).session.load(Ordering::SeqCst));
+    assert_eq!(h.fleet.counts(), (3, 4));
+    assert_eq!(h.fleet.counts(), from_list(&h));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn disconnected_host_counts_as_unreachable_within_budget() {
     let h = Harness::new(5).await;
