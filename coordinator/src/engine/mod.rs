@@ -368,6 +368,25 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(id.to_string()))
     }
 
+    /// One rollout's status, built from the cached rollout in place (a
+    /// watcher asks on every change; a copy of a large rollout first would
+    /// double the work).
+    pub fn status(&self, id: &str) -> Result<pb::RolloutStatus, EngineError> {
+        if let Some(s) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(Rollout::status)
+        {
+            return Ok(s);
+        }
+        self.store
+            .rollout(id)?
+            .map(|r| r.status())
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))
+    }
+
     /// Loads, changes and persists a rollout under its lock; `f` returns the
     /// events explaining the change. The cost does not grow with the fleet:
     /// the rollout is changed in place in the cache (readers never miss it

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::model::{Event, Failure, HostProgress, HostState, Rollout, RolloutState, now_ms};
-use super::{Engine, hosts_in_brief};
+use super::{Engine, EngineError, hosts_in_brief};
 use crate::artifacts::Artifacts;
 use crate::fleet::Fleet;
 use crate::rollout::planner;
@@ -807,6 +807,39 @@ async fn deploy_updates_every_host_once_in_batch_order() {
         }
         assert!(in_flight.len() <= 2, "{in_flight:?} at once: {log:?}");
     }
+}
+
+/// A rollout's status is the status of the rollout `get` returns, while
+/// cached and once read back from the store; an unknown id is not found.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_is_the_status_of_the_rollout() {
+    let h = Harness::new(5).await;
+    let engine = h.engine();
+    let r = engine
+        .deploy(SPEC_BATCH2, &h.digest, h.size)
+        .expect("deploy");
+    assert_eq!(
+        engine.status(&r.id).expect("status"),
+        engine.get(&r.id).expect("get").status()
+    );
+    let r = h.wait_state(&r.id, RolloutState::Succeeded).await;
+    let status = engine.status(&r.id).expect("status");
+    assert_eq!(status, engine.get(&r.id).expect("get").status());
+    assert_eq!(
+        (status.state.as_str(), status.finished),
+        ("succeeded", true)
+    );
+    assert_eq!(
+        status.batches.iter().map(|b| b.hosts.len()).sum::<usize>(),
+        5
+    );
+    // Read back from the store, as a restarted coordinator would.
+    let fresh = h.engine();
+    assert_eq!(fresh.status(&r.id).expect("status from the store"), status);
+    assert!(matches!(
+        engine.status("r-none"),
+        Err(EngineError::NotFound(_))
+    ));
 }
 
 /// Where, in the command log of one batch, the first and last Activate and

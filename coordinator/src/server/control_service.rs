@@ -216,11 +216,11 @@ impl ControlService for ControlApi {
         req: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         self.auth(&req)?;
-        let r = self
+        let status = self
             .engine
-            .get(&req.into_inner().id)
+            .status(&req.into_inner().id)
             .map_err(|e| e.to_status())?;
-        Ok(Response::new(r.status()))
+        Ok(Response::new(status))
     }
 
     async fn list_rollouts(
@@ -241,9 +241,9 @@ impl ControlService for ControlApi {
         let id = req.into_inner().id;
         let engine = self.engine.clone();
         let mut changes = engine.subscribe();
-        let first = engine.get(&id).map_err(|e| e.to_status())?;
+        let first = engine.status(&id).map_err(|e| e.to_status())?;
         let stream = async_stream::try_stream! {
-            let mut last = first.status();
+            let mut last = first;
             yield last.clone();
             while !last.finished {
                 match changes.recv().await {
@@ -251,7 +251,7 @@ impl ControlService for ControlApi {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     _ => {}
                 }
-                let now = engine.get(&id).map_err(|e| e.to_status())?.status();
+                let now = engine.status(&id).map_err(|e| e.to_status())?;
                 if now != last {
                     last = now;
                     yield last.clone();
