@@ -368,23 +368,25 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(id.to_string()))
     }
 
-    /// One rollout's status, built from the cached rollout in place (a
-    /// watcher asks on every change; a copy of a large rollout first would
-    /// double the work).
-    pub fn status(&self, id: &str) -> Result<pb::RolloutStatus, EngineError> {
-        if let Some(s) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .map(Rollout::status)
+    /// `f` of one rollout, looked at in place in the cache (a copy of a
+    /// large rollout would cost more than most looks), else as the store
+    /// has it. `f` runs under the cache's lock: it must be quick.
+    pub fn view<T>(&self, id: &str, f: impl FnOnce(&Rollout) -> T) -> Result<T, EngineError> {
         {
-            return Ok(s);
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = cache.get(id) {
+                return Ok(f(r));
+            }
         }
         self.store
             .rollout(id)?
-            .map(|r| r.status())
+            .map(|r| f(&r))
             .ok_or_else(|| EngineError::NotFound(id.to_string()))
+    }
+
+    /// One rollout's status (a watcher asks on every change), built in place.
+    pub fn status(&self, id: &str) -> Result<pb::RolloutStatus, EngineError> {
+        self.view(id, Rollout::status)
     }
 
     /// Loads, changes and persists a rollout under its lock; `f` returns the
@@ -1121,15 +1123,17 @@ impl Engine {
             return Ok(());
         }
         // The batch's gate passed on every surviving host: commit them.
-        let r = self.get(&r.id)?;
-        if r.state != RolloutState::Running && r.state != RolloutState::Paused {
+        let (state, to_commit) = self.view(&r.id, |now| {
+            let in_probation: Vec<String> = batch
+                .iter()
+                .filter(|h| now.hosts.get(*h).map(|p| p.state) == Some(HostState::Probation))
+                .cloned()
+                .collect();
+            (now.state, in_probation)
+        })?;
+        if state != RolloutState::Running && state != RolloutState::Paused {
             return Ok(());
         }
-        let to_commit: Vec<String> = batch
-            .iter()
-            .filter(|h| r.hosts.get(*h).map(|p| p.state) == Some(HostState::Probation))
-            .cloned()
-            .collect();
         // A commit cut by the network is sent again when the host is back
         // (committing twice is a no-op on the agent).
         let healthy = Duration::from_millis(r.definition().healthy_deadline_ms.max(1000));
@@ -1250,11 +1254,17 @@ impl Engine {
         if t.max_rss_bytes == 0 && t.max_cpu_percent <= 0.0 {
             return Ok(());
         }
-        let current = self.get(&r.id)?;
-        for h in batch {
-            if current.hosts.get(h).map(|p| p.state) != Some(HostState::Probation) {
-                continue;
-            }
+        // The batch's hosts in probation, with the release each returns to.
+        let in_probation: Vec<(&String, Option<String>)> = self.view(&r.id, |now| {
+            batch
+                .iter()
+                .filter_map(|h| {
+                    let p = now.hosts.get(h)?;
+                    (p.state == HostState::Probation).then(|| (h, p.previous_release.clone()))
+                })
+                .collect()
+        })?;
+        for (h, prev) in in_probation {
             let Some(s) = self.fleet.service(h, &r.service) else {
                 continue;
             };
@@ -1287,10 +1297,6 @@ impl Engine {
             warn!(rollout = %r.id, host = %h, reason = %reason, "resource gate failed");
             // The host's verified result is durable before it is rolled back.
             self.publish(&r.id, take(deferred)).await?;
-            let prev = current
-                .hosts
-                .get(h)
-                .and_then(|p| p.previous_release.clone());
             let cmd = Cmd::Rollback(pb::Rollback {
                 service: r.service.clone(),
                 to_release: prev.unwrap_or_default(),
