@@ -354,18 +354,16 @@ impl Engine {
 
     /// One rollout.
     pub fn get(&self, id: &str) -> Result<Rollout, EngineError> {
-        if let Some(r) = self
+        let cached = self
             .cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .cloned()
-        {
-            return Ok(r);
+            .cloned();
+        match cached {
+            Some(r) => Ok(r),
+            None => self.stored(id),
         }
-        self.store
-            .rollout(id)?
-            .ok_or_else(|| EngineError::NotFound(id.to_string()))
     }
 
     /// `f` of one rollout, looked at in place in the cache (a copy of a
@@ -378,9 +376,13 @@ impl Engine {
                 return Ok(f(r));
             }
         }
+        self.stored(id).map(|r| f(&r))
+    }
+
+    /// The rollout as the store has it.
+    fn stored(&self, id: &str) -> Result<Rollout, EngineError> {
         self.store
             .rollout(id)?
-            .map(|r| f(&r))
             .ok_or_else(|| EngineError::NotFound(id.to_string()))
     }
 

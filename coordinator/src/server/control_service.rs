@@ -114,13 +114,16 @@ pub async fn ping(fleet: &Fleet, r: pb::PingRequest) -> Result<pb::PingResponse,
     })
 }
 
-/// The stored rollouts of `service` (empty: of every service), oldest
+/// The stored rollouts of `service` (`None`: of every service), oldest
 /// first: the heads pick them, so only theirs are read whole.
-fn stored_rollouts(engine: &Engine, service: &str) -> Result<Vec<pb::RolloutStatus>, Status> {
+fn stored_rollouts(
+    engine: &Engine,
+    service: Option<&str>,
+) -> Result<Vec<pb::RolloutStatus>, Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
     let mut out = Vec::new();
     for head in engine.store().rollout_heads().map_err(internal)? {
-        if !service.is_empty() && head.service != service {
+        if service.is_some_and(|s| head.service != s) {
             continue;
         }
         if let Some(r) = engine.store().rollout(&head.id).map_err(internal)? {
@@ -229,7 +232,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         self.auth(&req)?;
         let svc = req.into_inner().service;
-        let rollouts = stored_rollouts(&self.engine, &svc)?;
+        let rollouts = stored_rollouts(&self.engine, (!svc.is_empty()).then_some(svc.as_str()))?;
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
 
@@ -367,7 +370,7 @@ impl ControlService for ControlApi {
                 })
             })
             .collect();
-        let rollouts = stored_rollouts(&self.engine, &svc)?;
+        let rollouts = stored_rollouts(&self.engine, Some(&svc))?;
         Ok(Response::new(pb::HistoryResponse { hosts, rollouts }))
     }
 
