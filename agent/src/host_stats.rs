@@ -10,9 +10,12 @@
 //! [`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`] (200 ms on Linux) are not updated.
 //! A process's CPU % is a share of one core, so a process tree can exceed 100.
 //!
-//! Sampling a process tree reads only the tree's own processes; finding its
-//! descendants means listing every process, which is done only when the
-//! caller's last listing is older than it allows.
+//! Sampling a process tree reads only the tree's own processes. Its
+//! descendants are listed afresh only when the caller's last listing is older
+//! than it allows, from the kernel's lists of each thread's children
+//! (`/proc/<pid>/task/<tid>/children`): a read per thread of the tree. Where
+//! the kernel keeps no such lists (built without `CONFIG_PROC_CHILDREN`),
+//! listing reads the parent of every process on the host instead.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -92,6 +95,10 @@ pub struct SysinfoStats {
     trees: HashMap<u32, Tree>,
     /// Liveness, start times and cwds; refreshed with nothing but what is asked.
     lookup: System,
+    /// Whether the kernel lists each thread's children
+    /// (`/proc/<pid>/task/<tid>/children`); else listing a tree reads every
+    /// process's parent.
+    children_lists: bool,
 }
 
 /// One sampled process tree.
@@ -123,6 +130,7 @@ impl SysinfoStats {
             members: System::new()?,
             trees: HashMap::new(),
             lookup: System::new()?,
+            children_lists: Path::new("/proc/thread-self/children").exists(),
         })
     }
 
@@ -140,9 +148,15 @@ impl SysinfoStats {
     /// Lists the descendants of `root` afresh, and forgets the trees whose
     /// root is gone.
     fn list_tree(&mut self, root: u32, now: Instant) -> Result<(), sysinfo::Error> {
-        let parents = parents();
-        self.trees.retain(|r, _| parents.contains_key(r));
-        let members = descendants(root, &parents);
+        let members = if self.children_lists {
+            self.trees
+                .retain(|r, _| Path::new(&format!("/proc/{r}")).exists());
+            descendants_by(root, children)
+        } else {
+            let parents = parents();
+            self.trees.retain(|r, _| parents.contains_key(r));
+            descendants(root, &parents)
+        };
         let tree = self.trees.entry(root).or_insert_with(|| Tree {
             members: Vec::new(),
             listed: now,
@@ -185,12 +199,19 @@ fn parent_in_stat(stat: &str) -> Option<u32> {
     fields.next()?.parse().ok()
 }
 
-/// `root` and every descendant of it, root first.
+/// `root` and every descendant of it, root first, from a table of every
+/// process's parent.
 fn descendants(root: u32, parents: &HashMap<u32, u32>) -> Vec<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for (&child, &parent) in parents {
         children.entry(parent).or_default().push(child);
     }
+    descendants_by(root, |pid| children.get(&pid).cloned().unwrap_or_default())
+}
+
+/// `root` and every descendant of it, root first, asking `children_of` for
+/// the children of each. A pid met twice (reuse while listing) is kept once.
+fn descendants_by(root: u32, mut children_of: impl FnMut(u32) -> Vec<u32>) -> Vec<u32> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut stack = vec![root];
@@ -199,11 +220,31 @@ fn descendants(root: u32, parents: &HashMap<u32, u32>) -> Vec<u32> {
             continue;
         }
         out.push(pid);
-        if let Some(kids) = children.get(&pid) {
-            stack.extend(kids.iter().copied());
-        }
+        stack.extend(children_of(pid));
     }
     out
+}
+
+/// The children of a process, as the kernel lists them per thread
+/// (`/proc/<pid>/task/<tid>/children`: the children each thread forked). A
+/// process or thread gone while it is read has none. The kernel's lists are
+/// exact only while nothing forks or exits; the next listing sees what one
+/// missed.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            std::fs::read_to_string(t.path().join("children")).ok()
+        })
+        .flat_map(|list| {
+            list.split_ascii_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn is_live(p: &sysinfo::Process) -> bool {
@@ -225,15 +266,17 @@ impl HostStats for SysinfoStats {
     }
 
     fn process_tree(&mut self, pid: u32, members_max_age: Duration) -> Option<ProcessSample> {
-        // Checked fresh: the listing may be older.
-        self.lookup(pid)?;
         let now = Instant::now();
-        let previous = self.trees.get(&pid);
-        if let Some((at, last, _)) = previous.and_then(|t| t.sampled.as_ref())
-            && now.duration_since(*at) < MINIMUM_CPU_UPDATE_INTERVAL
-        {
-            return Some(*last);
+        // Too soon for new CPU figures: the latest sample, if the root lives.
+        let recent = self.trees.get(&pid).and_then(|t| {
+            let (at, last, _) = t.sampled.as_ref()?;
+            (now.duration_since(*at) < MINIMUM_CPU_UPDATE_INTERVAL).then_some(*last)
+        });
+        if let Some(last) = recent {
+            return self.lookup(pid).map(|_| last);
         }
+        // Otherwise the refresh of the members below tells whether it lives.
+        let previous = self.trees.get(&pid);
         if previous.is_none_or(|t| now.duration_since(t.listed) >= members_max_age) {
             self.list_tree(pid, now).ok()?;
         }
@@ -510,6 +553,83 @@ mod tests {
         // A loop in the table (pid reuse while listing) ends.
         let looped = HashMap::from([(5, 6), (6, 5)]);
         assert_eq!(descendants(5, &looped).len(), 2);
+    }
+
+    #[test]
+    fn children_forked_by_any_thread_are_listed() {
+        assert!(
+            Path::new("/proc/thread-self/children").exists(),
+            "this kernel keeps no children lists; the tests of them need one"
+        );
+        // Forked by a thread other than the process's first, which lives on
+        // while the lists are read: the child is in that thread's list only.
+        let (forked, forked_rx) = std::sync::mpsc::channel();
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let child = spawn(Command::new("sleep").arg("5"));
+            forked.send(child.0.id()).expect("send pid");
+            let _ = done_rx.recv();
+            drop(child);
+        });
+        let pid = forked_rx.recv().expect("forked");
+        let me = std::process::id();
+        let first_thread = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+            .expect("first thread's children");
+        assert!(
+            !first_thread
+                .split_ascii_whitespace()
+                .any(|c| c == pid.to_string()),
+            "{pid} in the first thread's list {first_thread:?}"
+        );
+        let listed = children(me);
+        assert!(listed.contains(&pid), "{pid} not among {listed:?}");
+        assert!(children(pid).is_empty());
+        done.send(()).expect("done");
+        thread.join().expect("forking thread");
+        assert!(!children(me).contains(&pid), "reaped");
+    }
+
+    #[test]
+    fn children_lists_and_the_parents_table_find_the_same_tree() {
+        let child =
+            spawn(Command::new("sh").args(["-c", "sleep 5 & sleep 5 & (sleep 5 & wait) & wait"]));
+        let pid = child.0.id();
+        // sh, two sleeps, a subshell and its sleep.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sorted = |mut v: Vec<u32>| {
+            v.sort_unstable();
+            v
+        };
+        loop {
+            let by_children = sorted(descendants_by(pid, children));
+            let by_parents = sorted(descendants(pid, &parents()));
+            if by_children.len() == 5 && by_children == by_parents {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "children lists {by_children:?}, parents table {by_parents:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Sampled either way, the tree is the same.
+        for lists in [true, false] {
+            let mut stats = SysinfoStats::new().expect("sysinfo");
+            stats.children_lists = lists;
+            assert!(stats.process_tree(pid, Duration::ZERO).is_some());
+            let members = sorted(
+                stats.trees[&pid]
+                    .members
+                    .iter()
+                    .map(|p| p.as_u32())
+                    .collect(),
+            );
+            assert_eq!(
+                members,
+                sorted(descendants(pid, &parents())),
+                "children lists: {lists}"
+            );
+        }
     }
 
     #[test]

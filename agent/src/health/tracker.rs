@@ -112,7 +112,8 @@ impl Tracker {
     /// How old the list of the processes in the release's tree may be at a
     /// sample: listed afresh at every sample while the gates need samples (a
     /// child the service forks counts at once), else at most every
-    /// [`IDLE_MEMBERS_MAX_AGE`] (listing means reading every process on the host).
+    /// [`IDLE_MEMBERS_MAX_AGE`] (listing reads a file per thread of the tree,
+    /// or every process on the host where the kernel keeps no children lists).
     pub fn members_max_age(&self, judged: bool) -> Duration {
         if self.sample_interval(judged) == SAMPLE_INTERVAL {
             Duration::ZERO
