@@ -51,6 +51,9 @@ pub enum AgentError {
 /// Runs the agent until `cancel`. Services keep running after it returns; a
 /// restarted agent adopts them.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
+    // Steady periodic work (checks of committed releases, samples, reports)
+    // falls on whole periods after the agent's start.
+    let wake_grid = tokio::time::Instant::now();
     let layout = Layout::new(&config.data_dir);
     let dir_err = |source| AgentError::DataDir {
         path: config.data_dir.display().to_string(),
@@ -105,6 +108,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             crash_at: config.crash_at.clone(),
             host_env: config.env.clone(),
             run_as: config.run_as.as_ref().map(|(_, r)| *r),
+            wake_grid,
             metrics: metrics
                 .as_ref()
                 .map(|(_, m)| crate::metrics::MetricsHandle::new(m.clone()))
@@ -145,6 +149,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 host: config.host.clone(),
                 labels: config.labels.clone(),
                 report_interval: config.report_interval,
+                wake_grid,
                 engine: engine.clone(),
                 stats,
                 data_dir: config.data_dir.clone(),

@@ -115,6 +115,9 @@ pub struct Session {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Time between full reports.
     pub report_interval: Duration,
+    /// The agent's wake grid ([`crate::health::tracker::next_on_grid`]):
+    /// reports fall on whole intervals after it.
+    pub wake_grid: tokio::time::Instant,
     /// The engine commands go to.
     pub engine: Arc<Engine>,
     /// Host figures for reports.
@@ -256,8 +259,14 @@ impl Session {
         let _ = self.connected.send(true);
         info!(url = %self.config.url, host = %self.host, "connected to the coordinator");
         let mut changes = self.engine.subscribe();
-        let mut tick = tokio::time::interval(self.report_interval);
-        tick.tick().await;
+        // Full reports on the agent's wake grid, with its services' steady
+        // checks where their periods meet (the hello above was the first).
+        let first = crate::health::tracker::next_on_grid(
+            self.wake_grid,
+            tokio::time::Instant::now(),
+            self.report_interval,
+        );
+        let mut tick = tokio::time::interval_at(first, self.report_interval);
         let commands = tokio_util::task::TaskTracker::new();
         let result = loop {
             tokio::select! {

@@ -393,6 +393,33 @@ pub struct MonitorSpec {
     pub ctx: ProbeContext,
     /// The previous release's steady state, for the regression gates.
     pub baseline: Option<ProcessSample>,
+    /// The agent's wake grid (see [`next_on_grid`]): while the release is not
+    /// judged, its checks and samples fall on whole periods after it.
+    pub grid: Instant,
+}
+
+/// The first instant after `t` that is a whole number of `period`s after
+/// `grid` (`grid` itself when `t` is before it; `t` for a zero period).
+///
+/// The agent's steady periodic work (the health checks and resource samples
+/// of committed releases, its reports) is put on one grid, the agent's start,
+/// so that work of the same or related periods falls on the same instants: an
+/// idle agent with several services wakes once for all their checks instead
+/// of once for each. Each agent's grid is its own start, so a fleet's agents
+/// do not act in step.
+pub fn next_on_grid(grid: Instant, t: Instant, period: Duration) -> Instant {
+    if t < grid {
+        return grid;
+    }
+    let period_ns = period.as_nanos();
+    if period_ns == 0 {
+        return t;
+    }
+    let periods = (t - grid).as_nanos() / period_ns + 1;
+    u64::try_from(periods * period_ns)
+        .ok()
+        .and_then(|ns| grid.checked_add(Duration::from_nanos(ns)))
+        .unwrap_or(t + period)
 }
 
 /// When each piece of a monitor's work is due. The monitor sleeps until the
@@ -404,20 +431,38 @@ struct Schedule {
     checks: Vec<Instant>,
     /// The latest resource sample; `None` before the first (due at once).
     sampled: Option<Instant>,
+    /// The agent's wake grid ([`next_on_grid`]).
+    grid: Instant,
+    /// Whether checks and samples are put on the grid: while the release is
+    /// not judged. A judged release is probed and sampled a whole period
+    /// after the previous time, from its start.
+    steady: bool,
 }
 
 impl Schedule {
     /// Every check due at `start`, a sample due at once.
-    fn new(checks: usize, start: Instant) -> Self {
+    fn new(checks: usize, start: Instant, grid: Instant) -> Self {
         Schedule {
             checks: vec![start; checks],
             sampled: None,
+            grid,
+            steady: false,
+        }
+    }
+
+    /// When work of this period, last done at `at`, is due again: a period
+    /// later, or, steady, at the next point of its period on the grid.
+    fn next_after(&self, at: Instant, period: Duration) -> Instant {
+        if self.steady {
+            next_on_grid(self.grid, at, period)
+        } else {
+            at + period
         }
     }
 
     /// When the next resource sample is due, `every` after the latest.
     fn next_sample(&self, every: Duration, now: Instant) -> Instant {
-        self.sampled.map_or(now, |at| at + every)
+        self.sampled.map_or(now, |at| self.next_after(at, every))
     }
 
     /// When the monitor must wake next: the earliest due check, the next
@@ -453,6 +498,7 @@ pub fn spawn_monitor(
         thresholds,
         ctx,
         baseline,
+        grid,
     } = spec;
     let mut tracker = Tracker::new(checks, thresholds).with_baseline(baseline);
     let initial = HealthView {
@@ -465,13 +511,14 @@ pub fn spawn_monitor(
     };
     let (tx, rx) = watch::channel(initial);
     let task = tokio::spawn(async move {
-        let mut schedule = Schedule::new(tracker.checks().len(), Instant::now());
+        let mut schedule = Schedule::new(tracker.checks().len(), Instant::now(), grid);
         let mut settled = false;
         let mut changes = process.changes();
         let poll_every = changes.is_none().then_some(LIVENESS_POLL);
         let mut is_judged = *judged.borrow_and_update();
         let mut judged = Some(judged);
         loop {
+            schedule.steady = !is_judged;
             let now = Instant::now();
             for idx in 0..schedule.checks.len() {
                 if schedule.checks[idx] <= now {
@@ -481,7 +528,7 @@ pub fn spawn_monitor(
                         () = cancel.cancelled() => return,
                     };
                     tracker.record(idx, &outcome);
-                    schedule.checks[idx] = Instant::now() + check.interval;
+                    schedule.checks[idx] = schedule.next_after(Instant::now(), check.interval);
                 }
             }
             let pid = process.pid();
@@ -827,7 +874,7 @@ mod tests {
     fn the_monitor_wakes_only_when_something_is_due() {
         let start = Instant::now();
         let s = std::time::Duration::from_secs;
-        let mut sch = Schedule::new(2, start);
+        let mut sch = Schedule::new(2, start, start);
         assert_eq!(
             sch.next_wake(None, None, start),
             Some(start),
@@ -852,14 +899,15 @@ mod tests {
             Some(start + LIVENESS_POLL)
         );
         // Nothing at all: sleep until a change or cancellation.
-        let idle = Schedule::new(0, start);
+        let idle = Schedule::new(0, start, start);
         assert_eq!(idle.next_wake(None, None, start), None);
     }
 
-    /// Counts probes.
+    /// Counts probes and notes when they came.
     #[derive(Debug, Default)]
     struct CountingProbe {
         probes: std::sync::atomic::AtomicU32,
+        at: Mutex<Vec<Instant>>,
     }
 
     impl HealthProbe for CountingProbe {
@@ -870,6 +918,9 @@ mod tests {
         ) -> futures::future::BoxFuture<'a, ProbeOutcome> {
             self.probes
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Ok(mut at) = self.at.lock() {
+                at.push(Instant::now());
+            }
             Box::pin(std::future::ready(ProbeOutcome::Pass))
         }
     }
@@ -934,6 +985,10 @@ mod tests {
     }
 
     fn run_monitor(check_every: Duration, judged: bool, notify: bool) -> Running {
+        run_monitor_on(check_every, judged, notify, Instant::now())
+    }
+
+    fn run_monitor_on(check_every: Duration, judged: bool, notify: bool, grid: Instant) -> Running {
         let probe = Arc::new(CountingProbe::default());
         let stats = Arc::new(Mutex::new(FixedStats::default()));
         let process = TestProcess::new(notify);
@@ -951,6 +1006,7 @@ mod tests {
                     run_as: None,
                 },
                 baseline: None,
+                grid,
             },
             probe.clone(),
             stats.clone(),
@@ -986,6 +1042,72 @@ mod tests {
             .expect("a steady state from idle samples");
         assert_eq!(steady.rss_bytes, 10 << 20);
         m.cancel.cancel();
+    }
+
+    #[test]
+    fn the_grid_is_whole_periods_after_its_start() {
+        let grid = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            next_on_grid(grid, grid, ms(2000)),
+            grid + ms(2000),
+            "strictly after"
+        );
+        assert_eq!(next_on_grid(grid, grid + ms(1), ms(2000)), grid + ms(2000));
+        assert_eq!(
+            next_on_grid(grid, grid + ms(4003), ms(2000)),
+            grid + ms(6000)
+        );
+        assert_eq!(
+            next_on_grid(grid, grid + ms(4003), ms(5000)),
+            grid + ms(5000)
+        );
+        assert_eq!(
+            next_on_grid(grid + ms(10), grid, ms(2000)),
+            grid + ms(10),
+            "before the grid"
+        );
+        assert_eq!(
+            next_on_grid(grid, grid + ms(7), Duration::ZERO),
+            grid + ms(7)
+        );
+        // Far from the grid's start, with a short period.
+        let day = Duration::from_secs(86_400 * 60);
+        assert_eq!(
+            next_on_grid(grid, grid + day + ms(1), ms(1)),
+            grid + day + ms(2)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steady_monitors_of_several_services_probe_at_the_same_instants() {
+        let s = Duration::from_secs;
+        let grid = Instant::now();
+        // Two services committed at different times, a third being verified.
+        let a = run_monitor_on(s(2), false, true, grid);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let b = run_monitor_on(s(2), false, true, grid);
+        let judged = run_monitor_on(s(2), true, true, grid);
+        tokio::time::sleep(s(10) + Duration::from_millis(1)).await;
+        let since = |m: &Running| -> Vec<Duration> {
+            let at = m.probe.at.lock().map(|a| a.clone()).unwrap_or_default();
+            at.iter().map(|t| *t - grid).collect()
+        };
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(since(&a), ms(&[0, 2000, 4000, 6000, 8000, 10_000]));
+        // The second one's first probe comes at its start, the others on the grid.
+        assert_eq!(since(&b), ms(&[700, 2000, 4000, 6000, 8000, 10_000]));
+        // A judged release is probed a whole interval after its previous probe.
+        assert_eq!(since(&judged), ms(&[700, 2700, 4700, 6700, 8700, 10_700]));
+        // Its samples too: every 500 ms from its start, not on the grid.
+        assert_eq!(judged.samples(), 21);
+        for m in [a, b, judged] {
+            m.cancel.cancel();
+        }
     }
 
     #[tokio::test(start_paused = true)]

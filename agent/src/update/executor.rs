@@ -189,6 +189,9 @@ pub struct EngineConfig {
     pub run_as: Option<crate::release::RunAs>,
     /// Prometheus counters (agent config `metrics_listen`); off by default.
     pub metrics: crate::metrics::MetricsHandle,
+    /// The agent's wake grid ([`crate::health::tracker::next_on_grid`]): its
+    /// start. The health checks and samples of committed releases fall on it.
+    pub wake_grid: tokio::time::Instant,
 }
 
 impl Default for EngineConfig {
@@ -199,6 +202,7 @@ impl Default for EngineConfig {
             retain_releases: 5,
             crash_at: None,
             metrics: Default::default(),
+            wake_grid: tokio::time::Instant::now(),
         }
     }
 }
@@ -1077,6 +1081,7 @@ impl Worker {
                         rss_bytes: b.rss_bytes,
                         cpu_percent: b.cpu_percent,
                     }),
+                grid: self.deps.config.wake_grid,
             },
             self.deps.probe.clone(),
             self.deps.stats.clone(),
