@@ -460,7 +460,8 @@ impl Schedule {
         }
     }
 
-    /// When the next resource sample is due, `every` after the latest.
+    /// When the next resource sample is due: `every` after the latest, or,
+    /// steady, at the next point of `every` on the grid.
     fn next_sample(&self, every: Duration, now: Instant) -> Instant {
         self.sampled.map_or(now, |at| self.next_after(at, every))
     }
