@@ -8,6 +8,12 @@ use rollout_coordinator::cli::{self, Action, Connection, Output};
 use rollout_coordinator::config::CoordinatorConfig;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, with the options of `.cargo/config.toml` built in (one arena, no
+/// thread caches); `_RJEM_MALLOC_CONF` overrides them when the process starts,
+/// as the packaged service does with per-CPU arenas and thread caches.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Rolling deploys across a fleet, health-gated, with automatic rollback.
 #[derive(Debug, Parser)]
 #[command(name = "rollout", version, about)]
