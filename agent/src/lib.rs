@@ -27,7 +27,6 @@
 pub mod admin;
 pub mod agent;
 pub mod config;
-pub mod docs;
 pub mod health;
 pub mod host_stats;
 pub mod join;

@@ -117,7 +117,7 @@ enum Cmd {
     Completions {
         /// Shell to complete for.
         #[arg(value_enum)]
-        shell: rollout_agent::docs::Shell,
+        shell: rollout_cli_docs::Shell,
     },
     /// Write the man pages (rollout-agent.1 and one per subcommand) into a directory.
     Man {
@@ -226,11 +226,11 @@ async fn run_cli(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Completions { shell } => {
             let command = <Cli as clap::CommandFactory>::command();
-            rollout_agent::docs::write_completions(shell, command, &mut out)?;
+            rollout_cli_docs::write_completions(shell, command, &mut out)?;
         }
         Cmd::Man { out: dir } => {
             let command = <Cli as clap::CommandFactory>::command();
-            let pages = rollout_agent::docs::write_man_pages(command, &dir)
+            let pages = rollout_cli_docs::write_man_pages(command, &dir)
                 .with_context(|| format!("write man pages to {}", dir.display()))?;
             writeln!(out, "wrote {} man pages to {}", pages.len(), dir.display())?;
         }

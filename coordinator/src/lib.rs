@@ -23,7 +23,6 @@ pub mod artifacts;
 pub mod cli;
 pub mod config;
 pub mod dev;
-pub mod docs;
 pub mod engine;
 pub mod fleet;
 pub mod join;

@@ -186,7 +186,7 @@ enum Cmd {
     Completions {
         /// Shell to complete for.
         #[arg(value_enum)]
-        shell: rollout_coordinator::docs::Shell,
+        shell: rollout_cli_docs::Shell,
     },
     /// Write the man pages (rollout.1 and one per subcommand) into a directory.
     Man {
@@ -265,12 +265,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Cmd::Completions { shell } => {
             let command = <Cli as clap::CommandFactory>::command();
-            rollout_coordinator::docs::write_completions(shell, command, out)?;
+            rollout_cli_docs::write_completions(shell, command, out)?;
             Ok(true)
         }
         Cmd::Man { out: dir } => {
             let command = <Cli as clap::CommandFactory>::command();
-            let pages = rollout_coordinator::docs::write_man_pages(command, &dir)
+            let pages = rollout_cli_docs::write_man_pages(command, &dir)
                 .map_err(|e| anyhow::anyhow!("write man pages to {}: {e}", dir.display()))?;
             writeln!(out, "wrote {} man pages to {}", pages.len(), dir.display())?;
             Ok(true)
