@@ -7,6 +7,15 @@
 use std::path::Path;
 use std::process::Command;
 
+/// `bin --version` run with `_RJEM_MALLOC_CONF` set to `conf`.
+fn version_with(bin: &str, conf: &str) -> std::process::Output {
+    Command::new(rollout_tests::bin(bin))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", conf)
+        .output()
+        .expect("run")
+}
+
 /// What jemalloc writes to stderr when `bin --version` exits with
 /// `_RJEM_MALLOC_CONF` set to `conf` plus `stats_print:true`.
 fn jemalloc_report(bin: &str, conf: &str) -> String {
@@ -14,11 +23,7 @@ fn jemalloc_report(bin: &str, conf: &str) -> String {
         "" => "stats_print:true".to_string(),
         c => format!("{c},stats_print:true"),
     };
-    let out = Command::new(rollout_tests::bin(bin))
-        .arg("--version")
-        .env("_RJEM_MALLOC_CONF", &conf)
-        .output()
-        .expect("run");
+    let out = version_with(bin, &conf);
     assert!(
         out.status.success(),
         "{bin} --version with _RJEM_MALLOC_CONF={conf}: {}",
@@ -95,11 +100,7 @@ fn the_coordinator_unit_gives_per_cpu_arenas_and_thread_caches() {
 fn a_refused_option_is_seen() {
     // The check above would pass an option jemalloc ignores with a warning
     // if it did not look for the warning; this is that warning.
-    let out = Command::new(rollout_tests::bin("rollout"))
-        .arg("--version")
-        .env("_RJEM_MALLOC_CONF", "percpu_arena:percpux")
-        .output()
-        .expect("run");
+    let out = version_with("rollout", "percpu_arena:percpux");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("<jemalloc>: Invalid conf value"),
         "{}",
