@@ -34,8 +34,8 @@
 //! seen every host serve v1 again.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -182,36 +182,80 @@ struct Probe {
 /// Polls one sample service until stopped.
 struct Prober {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Probe>>,
+    probes: Arc<Mutex<Vec<Probe>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Prober {
-    fn start(port: u16) -> Prober {
+    /// Starts probing, and returns once a probe has seen the service answer
+    /// `/version`: what it served before the change under measurement.
+    async fn start(port: u16) -> Result<Prober> {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let (s, seen) = (stop.clone(), probes.clone());
         let thread = std::thread::spawn(move || {
-            let mut v = Vec::new();
             // Bounded: at most ten minutes of probes.
             let end = Instant::now() + Duration::from_secs(600);
             while !s.load(Ordering::Relaxed) && Instant::now() < end {
                 let health = util::http(port, "/health").map(|(st, _)| st);
                 let version = util::served_version(port);
-                v.push(Probe {
+                let probe = Probe {
                     at: Instant::now(),
                     unix_ms: util::now_ms(),
                     health,
                     version,
-                });
+                };
+                if let Ok(mut v) = seen.lock() {
+                    v.push(probe);
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            v
         });
-        Prober { stop, thread }
+        let prober = Prober {
+            stop,
+            probes,
+            thread: Some(thread),
+        };
+        util::poll(
+            "the prober's first answer",
+            Duration::from_secs(10),
+            Duration::from_millis(5),
+            async || {
+                let v = prober.probes.lock().ok()?;
+                v.iter().any(|p| p.version.is_some()).then_some(())
+            },
+        )
+        .await?;
+        Ok(prober)
     }
 
-    fn finish(self) -> Vec<Probe> {
+    /// Keeps probing until `measure` finds its figure in the probes so far
+    /// (up to `deadline`), then stops and returns the figure. The service
+    /// being seen by another poller is not enough: this prober must have seen
+    /// it too, or its probes end before the event they time.
+    async fn finish_with<T>(
+        self,
+        what: &str,
+        deadline: Duration,
+        measure: impl Fn(&[Probe]) -> Option<T>,
+    ) -> Result<T> {
+        let found = util::poll(what, deadline, Duration::from_millis(5), async || {
+            self.probes.lock().ok().and_then(|v| measure(&v))
+        })
+        .await;
+        drop(self);
+        found
+    }
+}
+
+impl Drop for Prober {
+    /// Stops the prober, on every path out of a measurement.
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_default()
+        if let Some(t) = self.thread.take() {
+            // A panicked prober has nothing more to give.
+            let _ = t.join();
+        }
     }
 }
 
@@ -251,42 +295,42 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
 
     // Restart time: a healthy activation's gap between v1 and v1b.
     fake.stage(host, def("v1b", &d1b, port)).await?;
-    let prober = Prober::start(port);
+    let prober = Prober::start(port).await?;
     let r = fake.activate(host, "web", "v1b").await?;
-    serving(port, "v1b", "v1b serving", Duration::from_secs(10)).await?;
-    let probes = prober.finish();
     if !r.ok {
         bail!("v1b failed: {}", r.error);
     }
+    let restart = prober
+        .finish_with(
+            "the prober to see v1 and then v1b",
+            Duration::from_secs(10),
+            |probes| {
+                let first_new = probes.iter().position(|p| serves(p, "v1b"))?;
+                let last_old = probes[..first_new].iter().rposition(|p| serves(p, "v1"))?;
+                Some(ms(probes[first_new].at - probes[last_old].at))
+            },
+        )
+        .await?;
     fake.commit(host, "web", "v1b").await?;
-    let first_new = probes
-        .iter()
-        .position(|p| p.version.as_deref() == Some("v1b"))
-        .context("the prober never saw v1b")?;
-    let last_old = probes[..first_new]
-        .iter()
-        .rposition(|p| p.version.as_deref() == Some("v1"))
-        .context("the prober never saw v1 before v1b")?;
-    let restart = ms(probes[first_new].at - probes[last_old].at);
 
     // Host-level rollback: v2 answers 500 on /health.
     fake.stage(host, def("v2", &d2, port)).await?;
-    let prober = Prober::start(port);
+    let prober = Prober::start(port).await?;
     let r = fake.activate(host, "web", "v2").await?;
     if r.ok {
         bail!("the unhealthy v2 was accepted");
     }
-    serving(port, "v1b", "v1b serving again", Duration::from_secs(10)).await?;
-    let probes = prober.finish();
-    let first_fail = probes
-        .iter()
-        .position(|p| p.health == Some(500))
-        .context("the prober never saw v2 unhealthy")?;
-    let back = probes[first_fail..]
-        .iter()
-        .find(|p| p.version.as_deref() == Some("v1b"))
-        .context("the prober never saw v1b again")?;
-    let never_healthy = ms(back.at - probes[first_fail].at);
+    let never_healthy = prober
+        .finish_with(
+            "the prober to see v2 unhealthy and then v1b again",
+            Duration::from_secs(10),
+            |probes| {
+                let first_fail = probes.iter().position(|p| p.health == Some(500))?;
+                let back = probes[first_fail..].iter().find(|p| serves(p, "v1b"))?;
+                Some(ms(back.at - probes[first_fail].at))
+            },
+        )
+        .await?;
     let hist = agent.history("web").await.unwrap_or_default();
     if !hist
         .iter()
@@ -298,37 +342,30 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
     // Host-level rollback in probation: v3 passes verification, then its
     // /health answers 500 from UNHEALTHY_AFTER_MS after its start.
     fake.stage(host, def("v3", &d3, port)).await?;
-    let prober = Prober::start(port);
+    let prober = Prober::start(port).await?;
     let r = fake.activate(host, "web", "v3").await?;
     if !r.ok {
-        prober.finish();
         bail!(
             "v3 did not reach probation before turning unhealthy {UNHEALTHY_AFTER_MS} ms after its start: {}",
             r.error
         );
     }
-    serving(
-        port,
-        "v1b",
-        "v1b serving again after v3 turned unhealthy in probation",
-        Duration::from_millis(UNHEALTHY_AFTER_MS) + Duration::from_secs(10),
-    )
-    .await?;
-    let probes = prober.finish();
-    let first_v3 = probes
-        .iter()
-        .position(|p| p.version.as_deref() == Some("v3"))
-        .context("the prober never saw v3")?;
-    let first_fail = probes[first_v3..]
-        .iter()
-        .position(|p| p.health == Some(500))
-        .map(|i| i + first_v3)
-        .context("the prober never saw v3 unhealthy")?;
-    let back = probes[first_fail..]
-        .iter()
-        .find(|p| p.version.as_deref() == Some("v1b"))
-        .context("the prober never saw v1b again after v3")?;
-    let probation = ms(back.at - probes[first_fail].at);
+    let (probation, first_fail_ms) = prober
+        .finish_with(
+            "the prober to see v3, v3 unhealthy and then v1b again",
+            Duration::from_millis(UNHEALTHY_AFTER_MS) + Duration::from_secs(10),
+            |probes| {
+                let first_v3 = probes.iter().position(|p| serves(p, "v3"))?;
+                let first_fail = first_v3
+                    + probes[first_v3..]
+                        .iter()
+                        .position(|p| p.health == Some(500))?;
+                let back = probes[first_fail..].iter().find(|p| serves(p, "v1b"))?;
+                let fail = &probes[first_fail];
+                Some((ms(back.at - fail.at), fail.unix_ms))
+            },
+        )
+        .await?;
     let hist = agent.history("web").await.unwrap_or_default();
     let verdict = hist
         .iter()
@@ -340,7 +377,7 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
         .with_context(|| {
             format!("no rolling_back entry for v3 unhealthy in probation in the agent's history: {hist:?}")
         })?;
-    let detection = (verdict.at_ms - probes[first_fail].unix_ms) as f64;
+    let detection = (verdict.at_ms - first_fail_ms) as f64;
     // The agent takes v4 once its rollback from v3 is over.
     util::poll(
         "the agent's rollback from v3 finished",
@@ -358,33 +395,27 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
     // Host-level rollback of a release that crashes at start: v4 cannot
     // bind, exits 2, is restarted 0.5 s later and exits again.
     fake.stage(host, def("v4", &d4, port)).await?;
-    let prober = Prober::start(port);
+    let prober = Prober::start(port).await?;
     let r = fake.activate(host, "web", "v4").await?;
     if r.ok {
-        prober.finish();
         bail!("the crashing v4 was accepted");
     }
     if !r.error.contains("crash loop") {
-        prober.finish();
         bail!("v4 failed, but not as a crash loop: {}", r.error);
     }
-    serving(
-        port,
-        "v1b",
-        "v1b serving again after v4 crashed",
-        Duration::from_secs(10),
-    )
-    .await?;
-    let probes = prober.finish();
-    let first_gap = probes
-        .iter()
-        .position(|p| p.version.is_none() && p.health.is_none())
-        .context("the prober never saw v1b stop")?;
-    let back = probes[first_gap..]
-        .iter()
-        .find(|p| p.version.as_deref() == Some("v1b"))
-        .context("the prober never saw v1b again after v4")?;
-    let crash = ms(back.at - probes[first_gap].at);
+    let crash = prober
+        .finish_with(
+            "the prober to see v1b stop and then serve again",
+            Duration::from_secs(10),
+            |probes| {
+                let first_gap = probes
+                    .iter()
+                    .position(|p| p.version.is_none() && p.health.is_none())?;
+                let back = probes[first_gap..].iter().find(|p| serves(p, "v1b"))?;
+                Some(ms(back.at - probes[first_gap].at))
+            },
+        )
+        .await?;
     Ok(HostRun {
         restart,
         probation,
@@ -394,12 +425,9 @@ async fn host_level(ctx: &Ctx) -> Result<HostRun> {
     })
 }
 
-/// Waits (up to `deadline`) until the service on `port` serves `release`.
-async fn serving(port: u16, release: &str, what: &str, deadline: Duration) -> Result<()> {
-    util::poll(what, deadline, Duration::from_millis(10), async || {
-        (util::served_version(port).as_deref() == Some(release)).then_some(())
-    })
-    .await
+/// Whether `p` saw the service serve `release`.
+fn serves(p: &Probe, release: &str) -> bool {
+    p.version.as_deref() == Some(release)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -502,6 +530,9 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
     // Watch every host from before v2 starts.
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
+    // Whole sweeps over every host so far.
+    let sweeps = Arc::new(AtomicU64::new(0));
+    let swept = sweeps.clone();
     let watch_ports = ports.clone();
     let watcher = std::thread::spawn(move || {
         // Per port: when it was last seen switching to v1 (Unix ms), and
@@ -517,6 +548,7 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
                     back.insert(*p, util::now_ms());
                 }
             }
+            swept.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(5));
         }
         (back, on_v1)
@@ -529,7 +561,8 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
         deadline,
     )
     .await;
-    // Let the watcher see the last hosts come back, then stop it.
+    // The watcher must see the last hosts come back itself: once every host
+    // serves v1, one whole sweep that starts after that sees them all.
     let all_v1 = util::poll(
         "every host serving v1 again",
         Duration::from_secs(60),
@@ -542,13 +575,21 @@ async fn fleet_level(ctx: &Ctx, n: usize) -> Result<(f64, usize)> {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let from = sweeps.load(Ordering::Relaxed);
+    let seen = util::poll(
+        "the watcher's sweep over every host serving v1",
+        Duration::from_secs(60),
+        Duration::from_millis(5),
+        async || (sweeps.load(Ordering::Relaxed) >= from + 2).then_some(()),
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let (back, _) = watcher
         .join()
         .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
     let st = st?;
     all_v1?;
+    seen?;
     if st != "rolled_back" {
         bail!("v2 rollout ended {st}, expected rolled_back");
     }
