@@ -36,6 +36,31 @@ async fn histories(c: &Cluster) -> Result<BTreeMap<String, Vec<(String, String, 
     Ok(out)
 }
 
+/// The coordinator's log lines of rollout `id`'s batch events, in order:
+/// (kind, host; `-` for the rollout's own).
+fn logged_batch_events(log: &str, id: &str) -> Vec<(String, String)> {
+    let field = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    log.lines()
+        .filter(|l| field(l, "rollout=").as_deref() == Some(id))
+        .filter_map(|l| Some((field(l, "kind=")?, field(l, "host=")?)))
+        .filter(|(k, _)| BATCH_EVENTS.contains(&k.as_str()))
+        .collect()
+}
+
+/// Events of a healthy batch, and the rollout's end.
+const BATCH_EVENTS: [&str; 6] = [
+    "batch_started",
+    "activating",
+    "probation",
+    "committed",
+    "batch_done",
+    "succeeded",
+];
+
 fn activations(h: &[(String, String, String, i64)], rollout: &str) -> usize {
     h.iter()
         .filter(|e| e.1 == "activating" && e.2 == rollout)
@@ -123,6 +148,36 @@ async fn five_hosts_batch_two_complete_in_order_within_max_unavailable() -> Resu
         3,
         "{kinds:?}"
     );
+    // Every batch event is logged once, in the journal's order (the log of a
+    // batch's start and of the writes it made durable waits for its
+    // Activates to be sent; the rollout may be seen succeeded before its
+    // last write is logged).
+    let journal: Vec<(String, String)> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let kind = e["kind"].as_str()?;
+            let host = e["host"].as_str().filter(|h| !h.is_empty()).unwrap_or("-");
+            BATCH_EVENTS
+                .contains(&kind)
+                .then(|| (kind.to_string(), host.to_string()))
+        })
+        .collect();
+    assert_eq!(journal.len(), 3 + 5 * 3 + 3 + 1, "{journal:?}");
+    let logged = eventually(
+        "the rollout's end logged",
+        rollout_tests::DEADLINE,
+        async || {
+            let logged = logged_batch_events(&c.coord.log(), &id);
+            logged
+                .iter()
+                .any(|(k, _)| k == "succeeded")
+                .then_some(logged)
+        },
+    )
+    .await?;
+    assert_eq!(logged, journal, "log:\n{}", c.coord.log());
     let history = c.coord.json(&["history", "web"])?;
     assert_eq!(history["rollouts"].as_array().map(Vec::len), Some(2));
     Ok(())

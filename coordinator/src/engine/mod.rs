@@ -240,6 +240,23 @@ fn take(d: &Deferred) -> Vec<Written> {
     std::mem::take(&mut *d.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
+/// Logs the events of durable writes, one line each, in order.
+fn log_written(id: &str, written: &[Written]) {
+    for w in written {
+        for e in &w.events {
+            info!(
+                rollout = %id,
+                service = %w.service,
+                release = %w.release,
+                host = e.host.as_deref().unwrap_or("-"),
+                kind = %e.kind,
+                "{}",
+                e.message
+            );
+        }
+    }
+}
+
 fn ev(host: Option<&str>, kind: &str, message: impl Into<String>) -> Event {
     Event {
         seq: 0,
@@ -451,25 +468,20 @@ impl Engine {
         if written.is_empty() {
             return Ok(());
         }
+        self.make_durable(&written).await?;
+        log_written(id, &written);
+        let _ = self.changes.send(id.to_string());
+        Ok(())
+    }
+
+    /// [`Engine::publish`] but for the log and the announcement, which the
+    /// caller makes.
+    async fn make_durable(&self, written: &[Written]) -> Result<(), EngineError> {
         // Durable before the caller acts on it: the first flush covers every
         // write here; the others only honour a crash point among their events.
-        for w in &written {
+        for w in written {
             self.store.flush(&w.events).await?;
         }
-        for w in &written {
-            for e in &w.events {
-                info!(
-                    rollout = %id,
-                    service = %w.service,
-                    release = %w.release,
-                    host = e.host.as_deref().unwrap_or("-"),
-                    kind = %e.kind,
-                    "{}",
-                    e.message
-                );
-            }
-        }
-        let _ = self.changes.send(id.to_string());
         Ok(())
     }
 
@@ -1041,23 +1053,40 @@ impl Engine {
                 (h.clone(), cur)
             })
             .collect();
-        self.update_with(&r.id, carried, |r| {
-            r.message = format!("batch {i}: activating {}", hosts_in_brief(&batch));
-            let mut events = vec![ev(None, "batch_started", r.message.clone())];
-            for (h, prev) in &before {
-                if let Some(p) = r.hosts.get_mut(h) {
-                    p.state = HostState::Activating;
-                    p.previous_release = prev.clone();
-                    events.push(ev(
-                        Some(h),
-                        "activating",
-                        format!("from {}", prev.clone().unwrap_or_default()),
-                    ));
+        // The batch's start is durable before any Activate leaves; its
+        // events and those it made durable (the previous batch's results
+        // and end: a few hundred lines on a large batch) are logged once
+        // the Activates are out, while the hosts restart.
+        let started = self
+            .update_deferred(&r.id, carried, |r| {
+                r.message = format!("batch {i}: activating {}", hosts_in_brief(&batch));
+                let mut events = vec![ev(None, "batch_started", r.message.clone())];
+                for (h, prev) in &before {
+                    if let Some(p) = r.hosts.get_mut(h) {
+                        p.state = HostState::Activating;
+                        p.previous_release = prev.clone();
+                        events.push(ev(
+                            Some(h),
+                            "activating",
+                            format!("from {}", prev.clone().unwrap_or_default()),
+                        ));
+                    }
                 }
+                Ok(events)
+            })
+            .await;
+        let to_log = take(carried);
+        self.make_durable(&to_log).await?;
+        let announce = || {
+            if !to_log.is_empty() {
+                let _ = self.changes.send(r.id.clone());
             }
-            Ok(events)
-        })
-        .await?;
+        };
+        if let Err(e) = started {
+            log_written(&r.id, &to_log);
+            announce();
+            return Err(e);
+        }
         let n = work.len().max(1);
         // The batch's hosts are driven by this one task: outside tokio's
         // cooperative budget, or a large batch's sends and results would be
@@ -1086,32 +1115,41 @@ impl Engine {
             .ready_chunks(n)
         );
         let mut first_error = None;
-        while let Some(chunk) = tokio::task::unconstrained(results.next()).await {
-            let mut came = Vec::new();
-            for res in chunk {
-                match res {
-                    Ok(Some(x)) => came.push(x),
-                    Ok(None) => {}
-                    Err(e) => {
-                        first_error.get_or_insert(e);
+        let record = async {
+            while let Some(chunk) = tokio::task::unconstrained(results.next()).await {
+                let mut came = Vec::new();
+                for res in chunk {
+                    match res {
+                        Ok(Some(x)) => came.push(x),
+                        Ok(None) => {}
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
                     }
                 }
+                if came.is_empty() {
+                    continue;
+                }
+                let recorded = self
+                    .update_deferred(&r.id, carried, |r| {
+                        Ok(came
+                            .into_iter()
+                            .filter_map(|(h, res)| self.record_activation(r, &h, res))
+                            .collect())
+                    })
+                    .await;
+                if let Err(e) = recorded {
+                    first_error.get_or_insert(e);
+                }
             }
-            if came.is_empty() {
-                continue;
-            }
-            let recorded = self
-                .update_deferred(&r.id, carried, |r| {
-                    Ok(came
-                        .into_iter()
-                        .filter_map(|(h, res)| self.record_activation(r, &h, res))
-                        .collect())
-                })
-                .await;
-            if let Err(e) = recorded {
-                first_error.get_or_insert(e);
-            }
-        }
+        };
+        // Polled in this order: the first poll of `record` sends every
+        // Activate, then the log is written.
+        futures::future::join(record, async {
+            log_written(&r.id, &to_log);
+            announce();
+        })
+        .await;
         if let Some(e) = first_error {
             return Err(e);
         }
