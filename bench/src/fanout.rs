@@ -80,23 +80,26 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<()> {
     Ok(())
 }
 
-struct Ping {
+pub(crate) struct Ping {
     /// Coordinator-side fan-out time (first send to last answer), ms.
-    fanout_ms: f64,
+    pub(crate) fanout_ms: f64,
     /// Client-side RPC time, ms.
     rpc_ms: f64,
     /// Per-host round trips, ms.
     rtts: Vec<f64>,
 }
 
-async fn ping_all(
+/// Pings every connected host (`hosts` empty) or `hosts`, through the
+/// coordinator; fails unless all `n` answer.
+pub(crate) async fn ping(
     client: &mut ControlServiceClient<tonic::transport::Channel>,
+    hosts: &[String],
     n: usize,
 ) -> Result<Ping> {
     let started = Instant::now();
     let r = client
         .ping(pb::PingRequest {
-            hosts: vec![],
+            hosts: hosts.to_vec(),
             timeout_ms: 30_000,
         })
         .await
@@ -117,6 +120,17 @@ async fn ping_all(
         rpc_ms,
         rtts: r.hosts.iter().map(|h| h.rtt_us as f64 / 1000.0).collect(),
     })
+}
+
+/// A client of the coordinator's control API at `url`.
+pub(crate) async fn control_client(
+    url: String,
+) -> Result<ControlServiceClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .connect()
+        .await?;
+    Ok(ControlServiceClient::new(channel)
+        .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES))
 }
 
 /// CPU time between two samples of one process, ms.
@@ -187,13 +201,9 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
     note(format!(
         "fanout: {n} sessions connected in {connect_s:.1} s"
     ));
-    let channel = tonic::transport::Endpoint::from_shared(coord.url())?
-        .connect()
-        .await?;
-    let mut client = ControlServiceClient::new(channel)
-        .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES);
+    let mut client = control_client(coord.url()).await?;
     // Warm-up (first-use allocations on both sides).
-    ping_all(&mut client, n).await?;
+    ping(&mut client, &[], n).await?;
     let (mut p50, mut p99, mut max, mut rtt_p50, mut rtt_p99, mut rpc_p50) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let me = std::process::id();
@@ -205,7 +215,7 @@ async fn one_size(ctx: &Ctx, args: &Args, n: usize, pings: usize, window: Durati
         let mut rtts = Vec::new();
         let (c0, s0) = (util::sample_proc(pid)?, util::sample_proc(me)?);
         for _ in 0..pings {
-            let p = ping_all(&mut client, n).await?;
+            let p = ping(&mut client, &[], n).await?;
             fan.push(p.fanout_ms);
             rpc.push(p.rpc_ms);
             rtts.extend(p.rtts);

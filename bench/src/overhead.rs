@@ -58,7 +58,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rollout_proto::pb;
 use rollout_proto::pb::control_service_client::ControlServiceClient;
 use rollout_tests::cluster::CoordinatorProc;
 
@@ -146,22 +145,10 @@ async fn batch_floor(
 ) -> Result<BatchFloor> {
     let mut pings = Vec::with_capacity(FLOOR_SAMPLES);
     for _ in 0..FLOOR_SAMPLES {
-        let r = client
-            .ping(pb::PingRequest {
-                hosts: hosts.to_vec(),
-                timeout_ms: 30_000,
-            })
+        let p = crate::fanout::ping(client, hosts, hosts.len())
             .await
-            .context("Ping RPC to a batch's hosts")?
-            .into_inner();
-        if let Some(h) = r.hosts.iter().find(|h| !h.ok) {
-            bail!(
-                "a ping to a batch's hosts failed at {}: {}",
-                h.host,
-                h.error
-            );
-        }
-        pings.push(r.elapsed_us as f64 / 1000.0);
+            .context("a Ping to a batch's hosts")?;
+        pings.push(p.fanout_ms);
     }
     let path = coord.dir.path().join("bench-fsync-probe");
     let mut f = std::fs::OpenOptions::new()
@@ -408,12 +395,7 @@ async fn one_size(
             names.len()
         );
     }
-    let mut client = ControlServiceClient::new(
-        tonic::transport::Endpoint::from_shared(coord.url())?
-            .connect()
-            .await?,
-    )
-    .max_decoding_message_size(rollout_proto::MAX_MESSAGE_BYTES);
+    let mut client = crate::fanout::control_client(coord.url()).await?;
     for bake in bakes {
         let mut block = Block::start(
             format!(

@@ -240,23 +240,6 @@ fn take(d: &Deferred) -> Vec<Written> {
     std::mem::take(&mut *d.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
-/// Logs the events of durable writes, one line each, in order.
-fn log_written(id: &str, written: &[Written]) {
-    for w in written {
-        for e in &w.events {
-            info!(
-                rollout = %id,
-                service = %w.service,
-                release = %w.release,
-                host = e.host.as_deref().unwrap_or("-"),
-                kind = %e.kind,
-                "{}",
-                e.message
-            );
-        }
-    }
-}
-
 fn ev(host: Option<&str>, kind: &str, message: impl Into<String>) -> Event {
     Event {
         seq: 0,
@@ -469,13 +452,35 @@ impl Engine {
             return Ok(());
         }
         self.make_durable(&written).await?;
-        log_written(id, &written);
-        let _ = self.changes.send(id.to_string());
+        self.log_and_announce(id, &written);
         Ok(())
     }
 
-    /// [`Engine::publish`] but for the log and the announcement, which the
-    /// caller makes.
+    /// The second half of [`Engine::publish`], for writes made durable:
+    /// their events logged, one line each, and the rollout's change
+    /// announced.
+    fn log_and_announce(&self, id: &str, written: &[Written]) {
+        if written.is_empty() {
+            return;
+        }
+        for w in written {
+            for e in &w.events {
+                info!(
+                    rollout = %id,
+                    service = %w.service,
+                    release = %w.release,
+                    host = e.host.as_deref().unwrap_or("-"),
+                    kind = %e.kind,
+                    "{}",
+                    e.message
+                );
+            }
+        }
+        let _ = self.changes.send(id.to_string());
+    }
+
+    /// The first half of [`Engine::publish`]: the log and the announcement
+    /// are the caller's ([`Engine::log_and_announce`]).
     async fn make_durable(&self, written: &[Written]) -> Result<(), EngineError> {
         // Durable before the caller acts on it: the first flush covers every
         // write here; the others only honour a crash point among their events.
@@ -1077,14 +1082,8 @@ impl Engine {
             .await;
         let to_log = take(carried);
         self.make_durable(&to_log).await?;
-        let announce = || {
-            if !to_log.is_empty() {
-                let _ = self.changes.send(r.id.clone());
-            }
-        };
         if let Err(e) = started {
-            log_written(&r.id, &to_log);
-            announce();
+            self.log_and_announce(&r.id, &to_log);
             return Err(e);
         }
         let n = work.len().max(1);
@@ -1145,11 +1144,7 @@ impl Engine {
         };
         // Polled in this order: the first poll of `record` sends every
         // Activate, then the log is written.
-        futures::future::join(record, async {
-            log_written(&r.id, &to_log);
-            announce();
-        })
-        .await;
+        futures::future::join(record, async { self.log_and_announce(&r.id, &to_log) }).await;
         if let Some(e) = first_error {
             return Err(e);
         }
